@@ -1,0 +1,168 @@
+"""The weights map: which part of every variable belongs to the base.
+
+Both sub-networks live in ONE variables pytree, the motivated model's. The
+base is a static view into it: for every leaf, the leading slice whose shape is
+that leaf's shape in the standalone base model (the prefix map of PAPER.md:
+the first ``d`` channels / units of every widened dimension, the first ``n``
+blocks of every deepened stage). Leaves of blocks the base skips have an empty
+view. The paper's copy-in at the start of a motivated phase and copy-back at its
+end are therefore implicit: there is nothing to copy.
+
+Three operations use the map:
+
+- ``base_view(tree, regions)``: the base's slice of every leaf, same tree
+  structure (empty arrays for leaves outside the base), so an optimizer or a
+  loss can run on base-sized arrays;
+- ``merge_base(tree, base_tree, regions)``: writes a base view back into the
+  full tree, leaving every entry outside the base bit-identical;
+- ``export(variables, subnet, weights_map)``: variables for the standalone
+  module of that sub-network (``model.standalone(subnet)``).
+
+This module knows nothing about optimizers or data; ``opt_state_regions``
+extends a params map to any optax state through ``optax.tree_map_params``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.traverse_util
+import jax
+import numpy as np
+import optax
+from jax import lax
+
+from motivation_jax.models.layers import SUBNETS, NestingError
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+  """The base's part of one leaf: its leading ``base_shape`` slice.
+
+  ``base_shape=None`` marks a leaf that is not parameter-shaped (an optimizer
+  step count, say): the base step owns it whole.
+  """
+  full_shape: tuple[int, ...]
+  base_shape: tuple[int, ...] | None
+  in_base: bool = True
+
+  @property
+  def whole(self) -> bool:
+    return self.base_shape is None or self.base_shape == self.full_shape
+
+  def view(self, x: jax.Array) -> jax.Array:
+    if self.whole:
+      return x
+    return x[tuple(slice(0, d) for d in self.base_shape)]
+
+  def merge(self, full: jax.Array, part: jax.Array) -> jax.Array:
+    if self.whole:
+      return part
+    if not self.in_base:
+      return full
+    # dynamic_update_slice on a donated buffer is an in-place write in XLA: a
+    # base step touches only base-sized memory.
+    return lax.dynamic_update_slice(full, part.astype(full.dtype), (0,) * full.ndim)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsMap:
+  """Regions for the variables collections of a nested model (e.g. params, batch_stats)."""
+  regions: Mapping[str, PyTree]
+
+  @property
+  def params(self) -> PyTree:
+    return self.regions["params"]
+
+  def __getitem__(self, collection: str) -> PyTree:
+    return self.regions[collection]
+
+  def num_params(self, subnet: str) -> int:
+    """Number of parameters of one sub-network."""
+    shape = (lambda r: r.base_shape if r.in_base else (0,)) if subnet == "base" else (
+        lambda r: r.full_shape)
+    return int(sum(np.prod(shape(r)) for r in jax.tree.leaves(self.params)))
+
+
+def weights_map(model, *sample_args, **sample_kwargs) -> WeightsMap:
+  """Builds and validates the prefix weights map of ``model``.
+
+  Compares the variable shapes of the nested model (motivated size) with those
+  of ``model.standalone("base")``, abstractly (no FLOPs, no memory). Raises
+  ``NestingError`` naming the first leaf where the base does not fit inside the
+  motivated model.
+  """
+  def shapes(module):
+    variables = jax.eval_shape(
+        lambda: module.init(jax.random.key(0), *sample_args, **sample_kwargs))
+    return {col: flax.traverse_util.flatten_dict(tree) for col, tree in variables.items()}
+
+  full, base = shapes(model), shapes(model.standalone("base"))
+  for col, leaves in base.items():
+    for path, leaf in leaves.items():
+      name = "/".join((col, *path))
+      if path not in full.get(col, {}):
+        raise NestingError(f"{name} exists in the base but not in the motivated model; "
+                           "the base is not nested")
+      big = full[col][path].shape
+      if len(big) != len(leaf.shape) or any(b > m for b, m in zip(leaf.shape, big)):
+        raise NestingError(f"{name} has shape {leaf.shape} in the base but {big} in the "
+                           "motivated model; the base is not nested")
+  regions = {}
+  for col, leaves in full.items():
+    flat = {}
+    for path, leaf in leaves.items():
+      inner = base.get(col, {}).get(path)
+      flat[path] = Region(
+          full_shape=tuple(leaf.shape),
+          base_shape=tuple(inner.shape) if inner is not None else (0,) * leaf.ndim,
+          in_base=inner is not None)
+    regions[col] = flax.traverse_util.unflatten_dict(flat)
+  return WeightsMap(regions)
+
+
+def base_view(tree: PyTree, regions: PyTree) -> PyTree:
+  """The base's slice of every leaf of ``tree`` (same structure as ``regions``)."""
+  return jax.tree.map(lambda r, x: r.view(x), regions, tree)
+
+
+def merge_base(tree: PyTree, base_tree: PyTree, regions: PyTree) -> PyTree:
+  """``tree`` with the base region of every leaf replaced by ``base_tree``'s values."""
+  return jax.tree.map(lambda r, x, y: r.merge(x, y), regions, tree, base_tree)
+
+
+def opt_state_regions(optimizer: optax.GradientTransformation,
+                      params_regions: PyTree) -> PyTree:
+  """Regions for an optax state: params regions on every parameter-shaped entry.
+
+  Entries that are not parameter-shaped (step counts, injected
+  hyper-parameters) get a whole-leaf region: a base step updates them as an
+  ordinary step would (the count is the global update count).
+  """
+  whole = lambda x: Region(tuple(np.shape(x)), None)
+  # Only the state's structure matters here, so it is built abstractly.
+  opt_state = jax.eval_shape(optimizer.init, jax.tree.map(
+      lambda r: jax.ShapeDtypeStruct(r.full_shape, np.float32), params_regions))
+  return optax.tree_map_params(
+      optimizer, lambda _, r: r, opt_state, params_regions,
+      transform_non_params=lambda x: jax.tree.map(whole, x))
+
+
+def export(variables: Mapping[str, PyTree], subnet: str,
+           wmap: WeightsMap) -> dict[str, PyTree]:
+  """Variables of one sub-network, accepted by ``model.standalone(subnet)``."""
+  if subnet not in SUBNETS:
+    raise ValueError(f"subnet must be 'base' or 'motivated', got {subnet!r}")
+  if subnet == "motivated":
+    return {col: tree for col, tree in variables.items()}
+  out = {}
+  for col, tree in variables.items():
+    leaves = flax.traverse_util.flatten_dict(base_view(tree, wmap[col]))
+    keep = flax.traverse_util.flatten_dict(
+        jax.tree.map(lambda r: r.in_base, wmap[col]))
+    out[col] = flax.traverse_util.unflatten_dict(
+        {path: leaf for path, leaf in leaves.items() if keep[path]})
+  return out
