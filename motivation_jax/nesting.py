@@ -78,7 +78,8 @@ class WeightsMap:
     return self.regions["params"]
 
   def __getitem__(self, collection: str) -> PyTree:
-    return self.regions[collection]
+    # A collection the model does not have (batch_stats of an MLP) is empty.
+    return self.regions.get(collection, {})
 
   def num_params(self, subnet: str) -> int:
     """Number of parameters of one sub-network."""

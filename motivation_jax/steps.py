@@ -1,0 +1,193 @@
+"""Pure train and eval steps for the two sub-networks over one variables pytree.
+
+``make_train_steps`` returns ``{"base": fn, "motivated": fn}``; each ``fn`` is
+``(state, batch) -> (state, metrics)``, a pure function of pytrees, jitted once
+with the state donated. A host-side controller picks which one to call; the two
+compiled programs never retrace when the choice switches.
+
+A base step:
+
+1. takes the base view of the parameters, the batch statistics and every
+   parameter-shaped optimizer-state entry (``nesting.base_view``);
+2. runs the base forward/backward and the optimizer on those base-sized arrays,
+   exactly as an ordinary step of the standalone base model would;
+3. writes the results back with ``nesting.merge_base``, so every entry outside
+   the base region is bit-identical before and after.
+
+Its compiled cost is the standalone base model's; the motivated step's is the
+standalone motivated model's (tests/test_steps.py checks both against XLA's
+cost analysis).
+
+The batch is a dict with ``image`` (float, NHWC or NC) and ``label`` (int).
+Eval batches may carry ``mask`` (1 for real examples, 0 for padding).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from motivation_jax import models, nesting
+
+PyTree = Any
+Batch = Mapping[str, jax.Array]
+POLICIES = ("switch", "both")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array          # batches trained on so far (int32 scalar)
+  params: PyTree           # the motivated model's parameters; the base is a view
+  batch_stats: PyTree      # batch-norm statistics ({} for models without them)
+  opt_state: PyTree
+
+
+def create_train_state(model, optimizer: optax.GradientTransformation,
+                       rng: jax.Array, sample_input: jax.Array) -> TrainState:
+  """Initialises the one variables pytree at the motivated size."""
+  variables = models.init_variables(model, rng, sample_input)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}),
+                    opt_state=optimizer.init(params))
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels).mean()
+
+
+def _update(model, optimizer, loss_fn, subnet, params, batch_stats, opt_state, batch):
+  """One ordinary optimizer step of ``subnet`` on the given (view or full) arrays."""
+  def objective(p):
+    variables = {"params": p, "batch_stats": batch_stats}
+    logits, mutated = model.apply(variables, batch["image"], subnet=subnet, train=True,
+                                  mutable=["batch_stats"])
+    return loss_fn(logits, batch["label"]), (logits, mutated.get("batch_stats", {}))
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+  return params, batch_stats, opt_state, {"loss": loss, "accuracy": accuracy}
+
+
+def motivated_train_step(state: TrainState, batch: Batch, *, model, optimizer,
+                         loss_fn) -> tuple[TrainState, dict[str, jax.Array]]:
+  params, batch_stats, opt_state, metrics = _update(
+      model, optimizer, loss_fn, "motivated", state.params, state.batch_stats,
+      state.opt_state, batch)
+  return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                       opt_state=opt_state), metrics
+
+
+def base_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_fn,
+                    wmap: nesting.WeightsMap, opt_regions: PyTree,
+                    advance_step: bool = True) -> tuple[TrainState, dict[str, jax.Array]]:
+  stats_regions = wmap["batch_stats"]
+  params, batch_stats, opt_state, metrics = _update(
+      model, optimizer, loss_fn, "base",
+      nesting.base_view(state.params, wmap.params),
+      nesting.base_view(state.batch_stats, stats_regions),
+      nesting.base_view(state.opt_state, opt_regions), batch)
+  return state.replace(
+      step=state.step + int(advance_step),
+      params=nesting.merge_base(state.params, params, wmap.params),
+      batch_stats=nesting.merge_base(state.batch_stats, batch_stats, stats_regions),
+      opt_state=nesting.merge_base(state.opt_state, opt_state, opt_regions)), metrics
+
+
+def both_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_fn,
+                    wmap: nesting.WeightsMap, opt_regions: PyTree):
+  """Policy ``both``: a base step, then a motivated step, on the same batch."""
+  deps = dict(model=model, optimizer=optimizer, loss_fn=loss_fn)
+  state, base_metrics = base_train_step(state, batch, wmap=wmap, opt_regions=opt_regions,
+                                        advance_step=False, **deps)
+  state, metrics = motivated_train_step(state, batch, **deps)
+  return state, {**metrics, "base_loss": base_metrics["loss"],
+                 "base_accuracy": base_metrics["accuracy"]}
+
+
+def make_train_steps(model, optimizer: optax.GradientTransformation, *,
+                     wmap: nesting.WeightsMap,
+                     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy_loss,
+                     policy: str = "switch", jit: bool = True,
+                     state_sharding: PyTree = None, batch_sharding: PyTree = None
+                     ) -> dict[str, Callable]:
+  """Builds the base and motivated train steps.
+
+  Args:
+    model: a nested Flax module (see ``motivation_jax.models``).
+    optimizer: any optax transformation whose ``init`` maps parameter trees to
+      state trees (what ``optax.tree_map_params`` needs).
+    wmap: ``nesting.weights_map(model, ...)``.
+    loss_fn: ``(logits, labels) -> scalar``.
+    policy: ``"switch"``: a motivated batch trains the motivated model only;
+      ``"both"``: the "motivated" step is a base step followed by a motivated
+      step on the same batch (one compiled program, two optimizer updates).
+    jit: return ``jax.jit``-ed functions (state donated); ``False`` returns the
+      pure functions, for users who compose them inside their own jit.
+    state_sharding, batch_sharding: optional shardings for ``jax.jit``.
+
+  Returns:
+    ``{"base": fn, "motivated": fn}`` with ``fn(state, batch) -> (state, metrics)``.
+  """
+  if policy not in POLICIES:
+    raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+  opt_regions = nesting.opt_state_regions(optimizer, wmap.params)
+  deps = dict(model=model, optimizer=optimizer, loss_fn=loss_fn)
+  base = functools.partial(base_train_step, wmap=wmap, opt_regions=opt_regions, **deps)
+  if policy == "switch":
+    motivated = functools.partial(motivated_train_step, **deps)
+  else:
+    motivated = functools.partial(both_train_step, wmap=wmap, opt_regions=opt_regions, **deps)
+  steps = {"base": base, "motivated": motivated}
+  if not jit:
+    return steps
+  shardings = {}
+  if state_sharding is not None or batch_sharding is not None:
+    shardings = dict(in_shardings=(state_sharding, batch_sharding),
+                     out_shardings=(state_sharding, None))
+  # Donating the state lets XLA write the new state into the old buffers; for a
+  # base step merge_base then becomes an in-place write of the base region.
+  return {kind: jax.jit(fn, donate_argnums=0, **shardings) for kind, fn in steps.items()}
+
+
+def eval_step(variables: Mapping[str, PyTree], batch: Batch, *, model, subnet: str,
+              loss_fn=cross_entropy_loss) -> dict[str, jax.Array]:
+  """Sums over one eval batch: loss, correct predictions and example count."""
+  logits = model.apply(variables, batch["image"], subnet=subnet, train=False)
+  mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32)).astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), batch["label"])
+  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+  return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask),
+          "count": jnp.sum(mask)}
+
+
+def make_eval_steps(model, *, jit: bool = True) -> dict[str, Callable]:
+  """``{"base": fn, "motivated": fn}`` with ``fn(variables, batch) -> sums``."""
+  steps = {subnet: functools.partial(eval_step, model=model, subnet=subnet)
+           for subnet in ("base", "motivated")}
+  return {k: jax.jit(f) for k, f in steps.items()} if jit else steps
+
+
+def state_variables(state: TrainState) -> dict[str, PyTree]:
+  """The model variables held in a train state."""
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def compiled_flops(compiled) -> float:
+  """FLOPs of one call of a compiled program, from XLA's cost analysis."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older JAX: one dict per program
+    analysis = analysis[0] if analysis else {}
+  flops = (analysis or {}).get("flops")
+  if flops is None:
+    raise RuntimeError("this backend's XLA cost analysis reports no FLOPs")
+  return float(flops)

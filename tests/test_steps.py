@@ -1,0 +1,234 @@
+"""Semantics of the two compiled train steps over one variables pytree."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from motivation_jax import nesting, steps
+from motivation_jax.controller import Controller, make_condition
+
+from conftest import MODELS, make_batch
+
+OPTIMIZERS = {
+    "sgd_momentum": lambda: optax.sgd(0.05, momentum=0.9),
+    "adamw": lambda: optax.adamw(1e-2, weight_decay=0.1),
+}
+
+
+def _setup(model, optimizer, batch, policy="switch", jit=True):
+  state = steps.create_train_state(model, optimizer, jax.random.key(0), batch["image"])
+  wmap = nesting.weights_map(model, batch["image"], subnet="motivated")
+  return state, wmap, steps.make_train_steps(model, optimizer, wmap=wmap, policy=policy,
+                                             jit=jit)
+
+
+def _copy(tree):
+  # A real copy: the steps donate their input state, whose buffers are then reused.
+  return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+
+
+def _outside(x, region):
+  """The entries of ``x`` outside the base region, as a flat array."""
+  keep = np.ones(np.shape(x), bool)
+  if region.in_base:
+    keep[tuple(slice(0, d) for d in region.base_shape)] = False
+  return np.asarray(x)[keep]
+
+
+def changed_outside_base(before, after, wmap, optimizer) -> list[str]:
+  """Paths of leaves (params, batch stats, param-shaped optimizer state) that
+  differ anywhere outside the base region."""
+  trees = {
+      "params": (before.params, after.params, wmap.params),
+      "batch_stats": (before.batch_stats, after.batch_stats, wmap["batch_stats"]),
+      "opt_state": (before.opt_state, after.opt_state,
+                    nesting.opt_state_regions(optimizer, wmap.params)),
+  }
+  changed = []
+  for name, (old, new, regions) in trees.items():
+    flat_regions = jax.tree_util.tree_leaves_with_path(regions)
+    for (path, region), x, y in zip(flat_regions, jax.tree.leaves(old), jax.tree.leaves(new)):
+      if region.base_shape is None:  # not parameter-shaped: the step count
+        continue
+      if not np.array_equal(_outside(x, region), _outside(y, region)):
+        changed.append(name + jax.tree_util.keystr(path))
+  return changed
+
+
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+def test_base_step_changes_nothing_outside_the_base_region(model, batch, opt_name):
+  optimizer = OPTIMIZERS[opt_name]()
+  state, wmap, fns = _setup(model, optimizer, batch)
+  # A motivated step first, so momentum / Adam moments are non-zero everywhere
+  # and a leaking base step would move them (and, with weight decay, the params).
+  state, _ = fns["motivated"](state, batch)
+  for i in range(3):
+    before = _copy(state)
+    state, _ = fns["base"](state, make_batch(seed=i + 1))
+    assert changed_outside_base(before, _copy(state), wmap, optimizer) == []
+  # ... while inside the region it did train.
+  assert not np.array_equal(before.params["head"]["kernel"], state.params["head"]["kernel"])
+
+
+def test_the_outside_check_catches_a_leaking_base_step(batch):
+  """The naive base step (base forward, optimizer over the whole tree) leaks
+  momentum and weight decay outside the base; the check above must see it."""
+  model, optimizer = MODELS["cnn"](), OPTIMIZERS["adamw"]()
+  state, wmap, fns = _setup(model, optimizer, batch)
+  state, _ = fns["motivated"](state, batch)
+
+  @jax.jit
+  def leaky_base_step(state, batch):
+    def loss(p):
+      logits, new = model.apply({"params": p, "batch_stats": state.batch_stats},
+                                batch["image"], subnet="base", train=True,
+                                mutable=["batch_stats"])
+      return steps.cross_entropy_loss(logits, batch["label"]), new["batch_stats"]
+    (_, stats), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    return state.replace(params=optax.apply_updates(state.params, updates),
+                         batch_stats=stats, opt_state=opt_state)
+
+  before = _copy(state)
+  changed = changed_outside_base(before, _copy(leaky_base_step(state, batch)), wmap, optimizer)
+  assert "params['stage1_block2']['conv1']['kernel']" in changed
+  assert any(path.startswith("opt_state") for path in changed)
+
+
+def _reference_step(module, optimizer, variables, opt_state, batch):
+  """One ordinary train step of a plain Flax model, written independently
+  (with the same metrics as ours: loss and accuracy)."""
+  def loss(p):
+    logits, new = module.apply({"params": p, "batch_stats": variables["batch_stats"]},
+                               batch["image"], train=True, mutable=["batch_stats"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    return loss, (logits, new.get("batch_stats", {}))
+  (loss, (logits, stats)), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+  updates, opt_state = optimizer.update(grads, opt_state, variables["params"])
+  # A train step that reports accuracy computes the logits' argmax as well.
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+  return ({"params": optax.apply_updates(variables["params"], updates), "batch_stats": stats},
+          opt_state, loss, accuracy)
+
+
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+def test_base_step_is_an_ordinary_step_of_the_standalone_base(model, batch, opt_name):
+  optimizer = OPTIMIZERS[opt_name]()
+  state, wmap, fns = _setup(model, optimizer, batch)
+  standalone = model.standalone("base")
+  # A copy: export shares whole leaves with the state, which the steps donate.
+  variables = _copy(nesting.export(steps.state_variables(state), "base", wmap))
+  opt_state = optimizer.init(variables["params"])
+  reference = jax.jit(lambda v, o, b: _reference_step(standalone, optimizer, v, o, b))
+  for i in range(3):  # several steps, so the optimizer's moments take part
+    b = make_batch(seed=10 + i)
+    state, metrics = fns["base"](state, b)
+    variables, opt_state, loss, _ = reference(variables, opt_state, b)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+  got = nesting.export(steps.state_variables(state), "base", wmap)
+  chex.assert_trees_all_close(got["params"], variables["params"], rtol=2e-5, atol=2e-6)
+  chex.assert_trees_all_close(got["batch_stats"], variables["batch_stats"], rtol=2e-5,
+                              atol=2e-6)
+  assert int(state.step) == 3
+
+
+def test_motivated_step_updates_the_whole_tree(model, batch):
+  optimizer = OPTIMIZERS["sgd_momentum"]()
+  state, wmap, fns = _setup(model, optimizer, batch)
+  before = _copy(state)
+  state, _ = fns["motivated"](state, batch)
+  for name in ("params", "batch_stats"):
+    leaves = jax.tree_util.tree_leaves_with_path(getattr(before, name))
+    for (path, old), new in zip(leaves, jax.tree.leaves(getattr(state, name))):
+      # Every leaf, in its extension part too.
+      assert not np.array_equal(old, new), f"{name}{jax.tree_util.keystr(path)} did not move"
+  region = wmap.params["head"]["kernel"]
+  assert not np.array_equal(_outside(before.params["head"]["kernel"], region),
+                            _outside(state.params["head"]["kernel"], region))
+
+
+def test_both_policy_is_a_base_step_then_a_motivated_step(batch):
+  model, optimizer = MODELS["cnn"](), OPTIMIZERS["adamw"]()
+  state, _, both = _setup(model, optimizer, batch, policy="both")
+  _, _, switch = _setup(model, optimizer, batch, policy="switch")
+  expected, _ = switch["base"](_copy(state), batch)
+  expected, expected_metrics = switch["motivated"](expected, batch)
+  got, metrics = both["motivated"](state, batch)
+  chex.assert_trees_all_close(got.params, expected.params, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(got.opt_state, expected.opt_state, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(metrics["loss"], expected_metrics["loss"], rtol=1e-6)
+  assert "base_loss" in metrics
+  assert int(got.step) == 1  # one batch, one step of the schedule's batch count
+
+
+def test_unknown_policy_is_refused(batch):
+  with pytest.raises(ValueError, match="policy must be one of"):
+    _setup(MODELS["mlp"](), OPTIMIZERS["adamw"](), batch, policy="alternate")
+
+
+def test_each_step_is_traced_and_compiled_once_over_hundreds_of_switches():
+  model, optimizer = MODELS["mlp"](), OPTIMIZERS["adamw"]()
+  batches = [make_batch(seed=i) for i in range(4)]
+  state, wmap, raw = _setup(model, optimizer, batches[0], jit=False)
+  # chex counts traces of the pure functions; the monitoring listener counts
+  # XLA compilations of anything at all while the loop runs.
+
+  def base(state, batch):
+    return raw["base"](state, batch)
+
+  def motivated(state, batch):
+    return raw["motivated"](state, batch)
+
+  fns = {"base": jax.jit(chex.assert_max_traces(base, n=1), donate_argnums=0),
+         "motivated": jax.jit(chex.assert_max_traces(motivated, n=1), donate_argnums=0)}
+  compiles = []
+  listener = lambda event, duration, **kw: compiles.append(event) if (
+      event == "/jax/core/compile/backend_compile_duration") else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  controller = Controller(make_condition("random", p=0.5, seed=3), decision_lag=1)
+  kinds, pending = [], []
+  try:
+    for t in range(400):
+      kind = controller.next_kind()
+      state, metrics = fns[kind](state, batches[t % 4])
+      kinds.append(kind)
+      pending.append((t, metrics["loss"]))
+      if len(pending) > 1:
+        step, loss = pending.pop(0)
+        controller.observe(step, float(loss))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  switches = sum(a != b for a, b in zip(kinds, kinds[1:]))
+  assert switches >= 150
+  assert len(compiles) == 2, compiles
+
+
+def _flops(fn, *args):
+  return steps.compiled_flops(jax.jit(fn).lower(*args).compile())
+
+
+def test_compiled_flops_match_the_standalone_models(model_name):
+  # XLA's cost analysis charges the in-place write-back of the base region a
+  # few FLOPs per element of the whole leaf (~5 per parameter with AdamW), an
+  # accounting cost, not arithmetic. It is independent of the batch size, so
+  # at a real batch size (128) it is well under 5% even for these tiny models.
+  batch = make_batch(n=128)
+  model, optimizer = MODELS[model_name](), OPTIMIZERS["adamw"]()
+  state, wmap, fns = _setup(model, optimizer, batch)
+  for subnet in ("base", "motivated"):
+    standalone = model.standalone(subnet)
+    variables = nesting.export(steps.state_variables(state), subnet, wmap)
+    variables.setdefault("batch_stats", {})
+    opt_state = optimizer.init(variables["params"])
+    reference = _flops(lambda v, o, b: _reference_step(standalone, optimizer, v, o, b),
+                       variables, opt_state, batch)
+    nested = steps.compiled_flops(fns[subnet].lower(state, batch).compile())
+    assert reference > 0
+    assert abs(nested - reference) <= 0.05 * reference, (subnet, nested, reference)
+  # And the base really is cheaper: not a masked full-width computation.
+  base, motivated = (steps.compiled_flops(fns[k].lower(state, batch).compile())
+                     for k in ("base", "motivated"))
+  assert base < 0.6 * motivated
