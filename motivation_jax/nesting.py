@@ -162,8 +162,26 @@ def export(variables: Mapping[str, PyTree], subnet: str,
   out = {}
   for col, tree in variables.items():
     leaves = flax.traverse_util.flatten_dict(base_view(tree, wmap[col]))
-    keep = flax.traverse_util.flatten_dict(
-        jax.tree.map(lambda r: r.in_base, wmap[col]))
-    out[col] = flax.traverse_util.unflatten_dict(
-        {path: leaf for path, leaf in leaves.items() if keep[path]})
+    kept = flax.traverse_util.flatten_dict(_prune(wmap[col]))
+    out[col] = flax.traverse_util.unflatten_dict({p: leaves[p] for p in kept})
   return out
+
+
+def export_opt_state(optimizer: optax.GradientTransformation, opt_state: PyTree,
+                     wmap: WeightsMap) -> PyTree:
+  """The base's optimizer state, as ``optimizer.init`` of the exported base params
+  would lay it out (e.g. to go on training the deployed base alone)."""
+  regions = opt_state_regions(optimizer, wmap.params)
+  view = base_view(opt_state, regions)
+  keep = [r.base_shape is None or r.in_base for r in jax.tree.leaves(regions)]
+  base_params = jax.tree.map(lambda r: jax.ShapeDtypeStruct(r.base_shape, np.float32),
+                             _prune(wmap.params))
+  treedef = jax.tree.structure(jax.eval_shape(optimizer.init, base_params))
+  leaves = [x for x, k in zip(jax.tree.leaves(view), keep) if k]
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def _prune(params_regions: PyTree) -> PyTree:
+  """The regions of the leaves that belong to the base, in the base's tree layout."""
+  flat = flax.traverse_util.flatten_dict(params_regions)
+  return flax.traverse_util.unflatten_dict({p: r for p, r in flat.items() if r.in_base})

@@ -37,24 +37,52 @@ from motivation_jax import models, nesting
 PyTree = Any
 Batch = Mapping[str, jax.Array]
 POLICIES = ("switch", "both")
+BATCH_STATS = ("shared", "per_subnet")
 
 
 @flax.struct.dataclass
 class TrainState:
+  """Everything a train step reads and writes.
+
+  ``batch_stats`` holds the batch-norm running statistics: with
+  ``stats="shared"`` one motivated-sized tree that the base reads through its
+  view (the paper's copied buffers); with ``stats="per_subnet"`` a dict
+  ``{"base": tree, "motivated": tree}`` of two motivated-sized trees, each
+  updated only by its own sub-network's steps (the base only ever touches its
+  view of ``"base"``). Training is the same either way, since a train step
+  normalises with the batch's own statistics; only inference differs.
+  """
   step: jax.Array          # batches trained on so far (int32 scalar)
   params: PyTree           # the motivated model's parameters; the base is a view
   batch_stats: PyTree      # batch-norm statistics ({} for models without them)
   opt_state: PyTree
+  stats: str = flax.struct.field(pytree_node=False, default="per_subnet")
+
+  def subnet_stats(self, subnet: str) -> PyTree:
+    return self.batch_stats[subnet] if self.stats == "per_subnet" else self.batch_stats
+
+  def with_subnet_stats(self, subnet: str, stats: PyTree) -> PyTree:
+    """The ``batch_stats`` field with one sub-network's statistics replaced."""
+    return {**self.batch_stats, subnet: stats} if self.stats == "per_subnet" else stats
+
+  def variables(self, subnet: str) -> dict[str, PyTree]:
+    """The variables ``model.apply(..., subnet=subnet)`` runs with (full size)."""
+    return {"params": self.params, "batch_stats": self.subnet_stats(subnet)}
 
 
 def create_train_state(model, optimizer: optax.GradientTransformation,
-                       rng: jax.Array, sample_input: jax.Array) -> TrainState:
+                       rng: jax.Array, sample_input: jax.Array, *,
+                       stats: str = "per_subnet") -> TrainState:
   """Initialises the one variables pytree at the motivated size."""
+  if stats not in BATCH_STATS:
+    raise ValueError(f"batch-norm stats must be one of {BATCH_STATS}, got {stats!r}")
   variables = models.init_variables(model, rng, sample_input)
   params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}),
-                    opt_state=optimizer.init(params))
+  batch_stats = variables.get("batch_stats", {})
+  if stats == "per_subnet":
+    batch_stats = {"base": batch_stats, "motivated": jax.tree.map(jnp.copy, batch_stats)}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=optimizer.init(params), stats=stats)
 
 
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -80,25 +108,27 @@ def _update(model, optimizer, loss_fn, subnet, params, batch_stats, opt_state, b
 def motivated_train_step(state: TrainState, batch: Batch, *, model, optimizer,
                          loss_fn) -> tuple[TrainState, dict[str, jax.Array]]:
   params, batch_stats, opt_state, metrics = _update(
-      model, optimizer, loss_fn, "motivated", state.params, state.batch_stats,
+      model, optimizer, loss_fn, "motivated", state.params, state.subnet_stats("motivated"),
       state.opt_state, batch)
-  return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+  return state.replace(step=state.step + 1, params=params,
+                       batch_stats=state.with_subnet_stats("motivated", batch_stats),
                        opt_state=opt_state), metrics
 
 
 def base_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_fn,
                     wmap: nesting.WeightsMap, opt_regions: PyTree,
                     advance_step: bool = True) -> tuple[TrainState, dict[str, jax.Array]]:
-  stats_regions = wmap["batch_stats"]
+  stats_regions, stats = wmap["batch_stats"], state.subnet_stats("base")
   params, batch_stats, opt_state, metrics = _update(
       model, optimizer, loss_fn, "base",
       nesting.base_view(state.params, wmap.params),
-      nesting.base_view(state.batch_stats, stats_regions),
+      nesting.base_view(stats, stats_regions),
       nesting.base_view(state.opt_state, opt_regions), batch)
   return state.replace(
       step=state.step + int(advance_step),
       params=nesting.merge_base(state.params, params, wmap.params),
-      batch_stats=nesting.merge_base(state.batch_stats, batch_stats, stats_regions),
+      batch_stats=state.with_subnet_stats(
+          "base", nesting.merge_base(stats, batch_stats, stats_regions)),
       opt_state=nesting.merge_base(state.opt_state, opt_state, opt_regions)), metrics
 
 
@@ -175,11 +205,6 @@ def make_eval_steps(model, *, jit: bool = True) -> dict[str, Callable]:
   steps = {subnet: functools.partial(eval_step, model=model, subnet=subnet)
            for subnet in ("base", "motivated")}
   return {k: jax.jit(f) for k, f in steps.items()} if jit else steps
-
-
-def state_variables(state: TrainState) -> dict[str, PyTree]:
-  """The model variables held in a train state."""
-  return {"params": state.params, "batch_stats": state.batch_stats}
 
 
 def compiled_flops(compiled) -> float:

@@ -18,8 +18,9 @@ OPTIMIZERS = {
 }
 
 
-def _setup(model, optimizer, batch, policy="switch", jit=True):
-  state = steps.create_train_state(model, optimizer, jax.random.key(0), batch["image"])
+def _setup(model, optimizer, batch, policy="switch", jit=True, stats="per_subnet"):
+  state = steps.create_train_state(model, optimizer, jax.random.key(0), batch["image"],
+                                   stats=stats)
   wmap = nesting.weights_map(model, batch["image"], subnet="motivated")
   return state, wmap, steps.make_train_steps(model, optimizer, wmap=wmap, policy=policy,
                                              jit=jit)
@@ -43,11 +44,16 @@ def changed_outside_base(before, after, wmap, optimizer) -> list[str]:
   differ anywhere outside the base region."""
   trees = {
       "params": (before.params, after.params, wmap.params),
-      "batch_stats": (before.batch_stats, after.batch_stats, wmap["batch_stats"]),
+      "batch_stats": (before.subnet_stats("base"), after.subnet_stats("base"),
+                      wmap["batch_stats"]),
       "opt_state": (before.opt_state, after.opt_state,
                     nesting.opt_state_regions(optimizer, wmap.params)),
   }
   changed = []
+  if before.stats == "per_subnet":  # the base must not touch the motivated statistics
+    if not all(jax.tree.leaves(jax.tree.map(np.array_equal, before.batch_stats["motivated"],
+                                            after.batch_stats["motivated"]))):
+      changed.append("batch_stats['motivated']")
   for name, (old, new, regions) in trees.items():
     flat_regions = jax.tree_util.tree_leaves_with_path(regions)
     for (path, region), x, y in zip(flat_regions, jax.tree.leaves(old), jax.tree.leaves(new)):
@@ -58,10 +64,11 @@ def changed_outside_base(before, after, wmap, optimizer) -> list[str]:
   return changed
 
 
+@pytest.mark.parametrize("stats", ["per_subnet", "shared"])
 @pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
-def test_base_step_changes_nothing_outside_the_base_region(model, batch, opt_name):
+def test_base_step_changes_nothing_outside_the_base_region(model, batch, opt_name, stats):
   optimizer = OPTIMIZERS[opt_name]()
-  state, wmap, fns = _setup(model, optimizer, batch)
+  state, wmap, fns = _setup(model, optimizer, batch, stats=stats)
   # A motivated step first, so momentum / Adam moments are non-zero everywhere
   # and a leaking base step would move them (and, with weight decay, the params).
   state, _ = fns["motivated"](state, batch)
@@ -77,7 +84,7 @@ def test_the_outside_check_catches_a_leaking_base_step(batch):
   """The naive base step (base forward, optimizer over the whole tree) leaks
   momentum and weight decay outside the base; the check above must see it."""
   model, optimizer = MODELS["cnn"](), OPTIMIZERS["adamw"]()
-  state, wmap, fns = _setup(model, optimizer, batch)
+  state, wmap, fns = _setup(model, optimizer, batch, stats="shared")
   state, _ = fns["motivated"](state, batch)
 
   @jax.jit
@@ -118,21 +125,23 @@ def _reference_step(module, optimizer, variables, opt_state, batch):
 def test_base_step_is_an_ordinary_step_of_the_standalone_base(model, batch, opt_name):
   optimizer = OPTIMIZERS[opt_name]()
   state, wmap, fns = _setup(model, optimizer, batch)
+  state, _ = fns["motivated"](state, make_batch(seed=9))  # the base starts mid-run
   standalone = model.standalone("base")
   # A copy: export shares whole leaves with the state, which the steps donate.
-  variables = _copy(nesting.export(steps.state_variables(state), "base", wmap))
-  opt_state = optimizer.init(variables["params"])
+  variables = _copy(nesting.export(state.variables("base"), "base", wmap))
+  opt_state = _copy(nesting.export_opt_state(optimizer, state.opt_state, wmap))
+  chex.assert_trees_all_equal_structs(opt_state, optimizer.init(variables["params"]))
   reference = jax.jit(lambda v, o, b: _reference_step(standalone, optimizer, v, o, b))
   for i in range(3):  # several steps, so the optimizer's moments take part
     b = make_batch(seed=10 + i)
     state, metrics = fns["base"](state, b)
     variables, opt_state, loss, _ = reference(variables, opt_state, b)
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
-  got = nesting.export(steps.state_variables(state), "base", wmap)
+  got = nesting.export(state.variables("base"), "base", wmap)
   chex.assert_trees_all_close(got["params"], variables["params"], rtol=2e-5, atol=2e-6)
   chex.assert_trees_all_close(got["batch_stats"], variables["batch_stats"], rtol=2e-5,
                               atol=2e-6)
-  assert int(state.step) == 3
+  assert int(state.step) == 4  # one motivated step, then three base steps
 
 
 def test_motivated_step_updates_the_whole_tree(model, batch):
@@ -140,9 +149,11 @@ def test_motivated_step_updates_the_whole_tree(model, batch):
   state, wmap, fns = _setup(model, optimizer, batch)
   before = _copy(state)
   state, _ = fns["motivated"](state, batch)
-  for name in ("params", "batch_stats"):
-    leaves = jax.tree_util.tree_leaves_with_path(getattr(before, name))
-    for (path, old), new in zip(leaves, jax.tree.leaves(getattr(state, name))):
+  for name, old_tree, new_tree in (
+      ("params", before.params, state.params),
+      ("batch_stats", before.subnet_stats("motivated"), state.subnet_stats("motivated"))):
+    leaves = jax.tree_util.tree_leaves_with_path(old_tree)
+    for (path, old), new in zip(leaves, jax.tree.leaves(new_tree)):
       # Every leaf, in its extension part too.
       assert not np.array_equal(old, new), f"{name}{jax.tree_util.keystr(path)} did not move"
   region = wmap.params["head"]["kernel"]
@@ -220,7 +231,7 @@ def test_compiled_flops_match_the_standalone_models(model_name):
   state, wmap, fns = _setup(model, optimizer, batch)
   for subnet in ("base", "motivated"):
     standalone = model.standalone(subnet)
-    variables = nesting.export(steps.state_variables(state), subnet, wmap)
+    variables = nesting.export(state.variables(subnet), subnet, wmap)
     variables.setdefault("batch_stats", {})
     opt_state = optimizer.init(variables["params"])
     reference = _flops(lambda v, o, b: _reference_step(standalone, optimizer, v, o, b),

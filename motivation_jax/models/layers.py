@@ -21,10 +21,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from motivation_jax.errors import MotivationError
+
 SUBNETS = ("base", "motivated")
 
 
-class NestingError(ValueError):
+class NestingError(MotivationError, ValueError):
   """The base network is not nested in the motivated network."""
 
 

@@ -1,0 +1,70 @@
+"""Orbax checkpoints of a run: train state, controller state and config.
+
+The data position needs no entry of its own: training batches are addressed by
+the global batch index, which is ``state.step``.
+
+Resume order (``train.train_and_evaluate``): build the abstract state, restore
+the latest checkpoint into it, load the controller state (which refuses a
+different motivation config), then continue the data at batch ``state.step``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from motivation_jax.errors import CheckpointError
+
+
+class Checkpointer:
+  """A thin wrapper over ``ocp.CheckpointManager`` for this package's items."""
+
+  def __init__(self, directory: str, *, max_to_keep: int = 2):
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        item_names=("state", "controller", "config"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, *, state, controller_state: dict, config: dict) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        controller=ocp.args.JsonSave(controller_state),
+        config=ocp.args.JsonSave(config)))
+
+  def restore(self, abstract_state) -> tuple[Any, dict, dict, int] | None:
+    """The latest checkpoint as ``(state, controller_state, config, step)``, or None."""
+    step = self.manager.latest_step()
+    if step is None:
+      return None
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          controller=ocp.args.JsonRestore(),
+          config=ocp.args.JsonRestore()))
+    except Exception as e:  # Orbax raises many types; the user needs one line.
+      first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      raise CheckpointError(
+          f"cannot restore the checkpoint at {self.directory}/{step} ({type(e).__name__}: "
+          f"{first_line[:300]}); move it away to start afresh or pick another --workdir"
+      ) from e
+    state = restored["state"]
+    restored_shapes = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+    expected = jax.tree.map(lambda x: (x.shape, x.dtype), abstract_state)
+    if restored_shapes != expected:
+      raise CheckpointError(f"the checkpoint at {self.directory}/{step} holds a different "
+                            "model or optimizer than this config builds")
+    return state, restored["controller"], restored["config"], step
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
