@@ -23,14 +23,35 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  try:
+    config = _CONFIG.value
+    config.to_dict()  # a config file that failed to load raises only when used
+  except (OSError, SyntaxError, AttributeError, TypeError) as e:  # the config file failed
+    _fail(f"cannot load --config: {e}")
   from motivation_jax import train  # after flag parsing: importing JAX takes a moment
   try:
-    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    summary = train.train_and_evaluate(config, _WORKDIR.value)
   except MotivationError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _fail(str(e))
   print(train.format_summary(summary))
 
 
+def _fail(message: str) -> None:
+  # One line: ml_collections' messages carry escaped newlines and quotes.
+  text = message.replace("\\n", " ").replace("\\", "").replace("'", "")
+  print(f"error: {' '.join(text.split())}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl's parser, with a bad ``--config.*`` override reported in one line."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+    # ml_collections raises the latter for a key that does not exist or a
+    # value of the wrong type.
+    _fail(f"bad command line: {e}")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

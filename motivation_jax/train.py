@@ -90,6 +90,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                        policy=config.motivation.policy)
   eval_steps = steps.make_eval_steps(model)
 
+  if config.model.batch_norm_stats not in steps.BATCH_STATS:
+    raise ConfigError(f"config.model.batch_norm_stats must be one of {steps.BATCH_STATS}, "
+                      f"got {config.model.batch_norm_stats!r}")
   rng = jax.random.key(config.seed)
   sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
   state = steps.create_train_state(model, optimizer, rng, sample,

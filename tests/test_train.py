@@ -1,0 +1,161 @@
+"""The main job end to end: training, outputs, resume, and one-line errors."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from motivation_jax import checkpoint, train
+from motivation_jax.errors import CheckpointError, ConfigError, TrainingError
+from motivation_jax.models import NestingError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def default_config():
+  spec = importlib.util.spec_from_file_location("default", os.path.join(ROOT, "configs/default.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.progress_bar = False
+  return config
+
+
+def small_config(**overrides):
+  """A fast MLP run of two epochs, checkpointed every epoch."""
+  config = default_config()
+  config.model.name = "mlp"
+  config.model.base = {"widths": (32,)}
+  config.model.motivated = {"widths": (64, 64)}
+  config.optimizer = "adamw"
+  config.learning_rate = 3e-3
+  config.num_epochs = 2
+  config.checkpoint_every_epochs = 1
+  config.log_every_steps = 10
+  for key, value in overrides.items():
+    target = config
+    *path, last = key.split(".")
+    for p in path:
+      target = target[p]
+    target[last] = value
+  return config
+
+
+def test_the_default_config_trains_both_models_above_90_percent(tmp_path):
+  summary = train.train_and_evaluate(default_config(), str(tmp_path))
+  assert summary["base/test_accuracy"] > 0.9
+  assert summary["motivated/test_accuracy"] > 0.9
+  steps = summary["base_steps"] + summary["motivated_steps"]
+  assert steps == 20 * (1437 // 64)
+  assert 0 < summary["activations"] <= summary["motivated_steps"] < steps
+  assert summary["flops_per_step"]["base"] < summary["flops_per_step"]["motivated"]
+  assert summary["training_flops"] < summary["large_alone_flops"]
+  # What the run leaves behind.
+  decisions = [json.loads(l) for l in open(tmp_path / "decisions.jsonl")]
+  assert [d["step"] for d in decisions] == list(range(steps))
+  assert sum(d["kind"] == "motivated" for d in decisions) == summary["motivated_steps"]
+  metrics = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert any("base/test_accuracy" in m for m in metrics)
+  assert any("motivated/loss" in m for m in metrics)
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+  assert json.load(open(tmp_path / "summary.json"))["activations"] == summary["activations"]
+  table = train.format_summary(summary)
+  assert "test accuracy" in table and "of training the motivated model alone" in table
+
+
+def _restore(workdir):
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  state = ckpt.manager.restore(ckpt.latest_step(), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))["state"]
+  ckpt.close()
+  return state
+
+
+def test_a_run_resumed_from_a_checkpoint_ends_bit_identical(tmp_path):
+  config = small_config(**{"motivation.loss_streak.k": 2})
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  summary = train.train_and_evaluate(config, straight)
+  assert summary["motivated_steps"] > 0 and summary["base_steps"] > 0
+  # "Preempt" after the first epoch: keep only that checkpoint and what had
+  # been flushed with it.
+  shutil.copytree(straight, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "44"))
+  with open(os.path.join(resumed, "decisions.jsonl")) as f:
+    kept = [l for l in f if json.loads(l)["step"] < 22]
+  with open(os.path.join(resumed, "decisions.jsonl"), "w") as f:
+    f.writelines(kept)
+  again = train.train_and_evaluate(config, resumed)
+  assert again["resumed_from_step"] == 22
+  assert again["motivated_steps"] == summary["motivated_steps"]
+  jax.tree.map(np.testing.assert_array_equal, _restore(straight), _restore(resumed))
+  assert open(os.path.join(straight, "decisions.jsonl")).read() == open(
+      os.path.join(resumed, "decisions.jsonl")).read()
+
+
+def test_a_corrupt_checkpoint_is_refused_in_one_line_and_kept(tmp_path):
+  config = small_config(num_epochs=1)
+  train.train_and_evaluate(config, str(tmp_path))
+  state_dir = tmp_path / "checkpoints" / "22" / "state"
+  for root, _, files in os.walk(state_dir):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"not a checkpoint")
+  with pytest.raises(CheckpointError, match="cannot restore the checkpoint") as e:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert "\n" not in str(e.value)
+  assert state_dir.exists()
+
+
+def test_resuming_with_another_motivation_config_is_refused(tmp_path):
+  train.train_and_evaluate(small_config(num_epochs=1), str(tmp_path))
+  with pytest.raises(ConfigError, match="cannot resume .* condition_params"):
+    train.train_and_evaluate(small_config(**{"num_epochs": 1, "motivation.loss_streak.k": 5}),
+                             str(tmp_path))
+
+
+def test_a_nan_loss_stops_training_with_one_line(tmp_path):
+  with pytest.raises(TrainingError, match=r"the training loss is nan at batch \d+ "
+                     r"\((base|motivated) step\)") as e:
+    train.train_and_evaluate(small_config(learning_rate=float("nan")), str(tmp_path))
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    ({"motivation.condition": "loss_falls"}, ConfigError, "unknown motivation condition"),
+    ({"motivation.policy": "sometimes"}, ConfigError, "policy"),
+    ({"model.name": "transformer"}, ConfigError, "unknown model 'transformer'"),
+    ({"optimizer": "lion"}, ConfigError, "config.optimizer must be"),
+    ({"model.base": {"widths": (128,)}}, NestingError, "layer 0 is 128 wide in the base"),
+    ({"model.batch_norm_stats": "mixed"}, ConfigError, "batch_norm_stats"),
+])
+def test_bad_config_values_fail_in_one_line(tmp_path, overrides, error, message):
+  with pytest.raises(error, match=message) as e:
+    train.train_and_evaluate(small_config(**overrides), str(tmp_path))
+  assert "\n" not in str(e.value)
+
+
+def _main(*args, config="configs/default.py"):
+  return subprocess.run([sys.executable, "-m", "motivation_jax.main", f"--config={config}", *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_main_reports_bad_input_in_one_line_without_a_traceback(tmp_path):
+  result = _main(f"--workdir={tmp_path}", "--config.model.motivated.widths=(8,8)")
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith("error: NestedCNN: layer 0 is 16")
+  assert "Traceback" not in result.stderr
+  result = _main(f"--workdir={tmp_path}", "--config.learning_rat=0.1")
+  assert result.returncode != 0
+  assert "learning_rat" in result.stderr and "Traceback" not in result.stderr
+  assert result.stderr.count("\n") == 1
+  result = _main(f"--workdir={tmp_path}", config="configs/missing.py")
+  assert result.returncode == 2
+  assert result.stderr.startswith("error: cannot load --config") and "configs/missing.py" in result.stderr
+  assert result.stderr.count("\n") == 1
