@@ -243,3 +243,24 @@ def test_compiled_flops_match_the_standalone_models(model_name):
   base, motivated = (steps.compiled_flops(fns[k].lower(state, batch).compile())
                      for k in ("base", "motivated"))
   assert base < 0.6 * motivated
+
+
+def test_steps_run_data_parallel_with_explicit_shardings():
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  assert len(jax.devices()) == 4  # conftest asks XLA for 4 CPU devices
+  mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  model, optimizer = MODELS["cnn"](), OPTIMIZERS["sgd_momentum"]()
+  batch = make_batch(n=16)
+  state, wmap, plain = _setup(model, optimizer, batch)
+  state_sharding = jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
+  batch_sharding = NamedSharding(mesh, P("data"))
+  sharded = steps.make_train_steps(model, optimizer, wmap=wmap, state_sharding=state_sharding,
+                                   batch_sharding=batch_sharding)
+  expected = _copy(state)
+  got = jax.device_put(state, state_sharding)
+  for kind in ("motivated", "base", "base"):
+    expected, _ = plain[kind](expected, batch)
+    got, metrics = sharded[kind](got, jax.device_put(batch, batch_sharding))
+  assert got.params["head"]["kernel"].sharding.is_fully_replicated
+  chex.assert_trees_all_close(got.params, expected.params, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(got.batch_stats, expected.batch_stats, rtol=1e-5, atol=1e-6)
