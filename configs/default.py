@@ -38,8 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.batch_norm_stats = "per_subnet"
 
   # Optimisation. The learning-rate schedule (linear warm-up, then cosine decay
-  # to 0) is indexed by the optimizer's update count, which under the default
-  # policy "switch" is the global batch count.
+  # to 0) is indexed by the global batch count (under policy "both" the two
+  # updates of a motivated batch share one position).
   config.optimizer = "sgd"  # "sgd" (with momentum) or "adamw"
   config.learning_rate = 0.05
   config.momentum = 0.9

@@ -141,7 +141,7 @@ def opt_state_regions(optimizer: optax.GradientTransformation,
 
   Entries that are not parameter-shaped (step counts, injected
   hyper-parameters) get a whole-leaf region: a base step updates them as an
-  ordinary step would (the count is the global update count).
+  ordinary step would (the count is the global batch count).
   """
   whole = lambda x: Region(tuple(np.shape(x)), None)
   # Only the state's structure matters here, so it is built abstractly.

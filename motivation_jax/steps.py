@@ -118,23 +118,35 @@ def motivated_train_step(state: TrainState, batch: Batch, *, model, optimizer,
 def base_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_fn,
                     wmap: nesting.WeightsMap, opt_regions: PyTree,
                     advance_step: bool = True) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One step of the base on its view; ``advance_step=False`` leaves the batch
+  counters (``state.step`` and the optimizer's non-parameter-shaped state, i.e.
+  its update count) to a step that follows on the same batch."""
   stats_regions, stats = wmap["batch_stats"], state.subnet_stats("base")
   params, batch_stats, opt_state, metrics = _update(
       model, optimizer, loss_fn, "base",
       nesting.base_view(state.params, wmap.params),
       nesting.base_view(stats, stats_regions),
       nesting.base_view(state.opt_state, opt_regions), batch)
+  opt_state = nesting.merge_base(state.opt_state, opt_state, opt_regions)
+  if not advance_step:
+    opt_state = jax.tree.map(lambda r, old, new: old if r.base_shape is None else new,
+                             opt_regions, state.opt_state, opt_state)
   return state.replace(
       step=state.step + int(advance_step),
       params=nesting.merge_base(state.params, params, wmap.params),
       batch_stats=state.with_subnet_stats(
           "base", nesting.merge_base(stats, batch_stats, stats_regions)),
-      opt_state=nesting.merge_base(state.opt_state, opt_state, opt_regions)), metrics
+      opt_state=opt_state), metrics
 
 
 def both_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_fn,
                     wmap: nesting.WeightsMap, opt_regions: PyTree):
-  """Policy ``both``: a base step, then a motivated step, on the same batch."""
+  """Policy ``both``: a base step, then a motivated step, on the same batch.
+
+  The two updates share one position of the learning-rate schedule: the base
+  half does not advance the optimizer's count, so the schedule stays indexed by
+  the global batch count under either policy.
+  """
   deps = dict(model=model, optimizer=optimizer, loss_fn=loss_fn)
   state, base_metrics = base_train_step(state, batch, wmap=wmap, opt_regions=opt_regions,
                                         advance_step=False, **deps)
@@ -159,7 +171,8 @@ def make_train_steps(model, optimizer: optax.GradientTransformation, *,
     loss_fn: ``(logits, labels) -> scalar``.
     policy: ``"switch"``: a motivated batch trains the motivated model only;
       ``"both"``: the "motivated" step is a base step followed by a motivated
-      step on the same batch (one compiled program, two optimizer updates).
+      step on the same batch (one compiled program, two optimizer updates at
+      one position of the learning-rate schedule).
     jit: return ``jax.jit``-ed functions (state donated); ``False`` returns the
       pure functions, for users who compose them inside their own jit.
     state_sharding, batch_sharding: optional shardings for ``jax.jit``.

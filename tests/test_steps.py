@@ -161,18 +161,42 @@ def test_motivated_step_updates_the_whole_tree(model, batch):
                             _outside(state.params["head"]["kernel"], region))
 
 
+def _counts(opt_state) -> list[int]:
+  return [int(c) for _, c in optax.tree_utils.tree_get_all_with_path(opt_state, "count")]
+
+
 def test_both_policy_is_a_base_step_then_a_motivated_step(batch):
   model, optimizer = MODELS["cnn"](), OPTIMIZERS["adamw"]()
   state, _, both = _setup(model, optimizer, batch, policy="both")
   _, _, switch = _setup(model, optimizer, batch, policy="switch")
   expected, _ = switch["base"](_copy(state), batch)
+  # ... at the same position of the schedule: the base half leaves the count.
+  # (Copies: the steps donate their input, and ``state`` is used below.)
+  expected = expected.replace(step=_copy(state.step), opt_state=optax.tree_utils.tree_set(
+      expected.opt_state, count=_copy(state.opt_state[0].count)))
   expected, expected_metrics = switch["motivated"](expected, batch)
   got, metrics = both["motivated"](state, batch)
   chex.assert_trees_all_close(got.params, expected.params, rtol=1e-6, atol=1e-7)
   chex.assert_trees_all_close(got.opt_state, expected.opt_state, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(metrics["loss"], expected_metrics["loss"], rtol=1e-6)
   assert "base_loss" in metrics
-  assert int(got.step) == 1  # one batch, one step of the schedule's batch count
+  assert int(got.step) == 1 and _counts(got.opt_state) == [1]
+
+
+def test_the_schedule_is_indexed_by_the_batch_count_under_both_policies(batch):
+  # A schedule that is non-zero only at position 1: a step at any other
+  # position moves no parameter.
+  optimizer = optax.sgd(lambda count: jnp.where(count == 1, 0.1, 0.0))
+  model = MODELS["mlp"]()
+  for policy in ("switch", "both"):
+    state, _, fns = _setup(model, optimizer, batch, policy=policy)
+    kinds = ("motivated", "base", "motivated", "base")
+    for t, kind in enumerate(kinds):
+      before = _copy(state.params)
+      state, _ = fns[kind](state, make_batch(seed=t))
+      moved = not np.array_equal(before["head"]["kernel"], state.params["head"]["kernel"])
+      assert moved == (t == 1), (policy, t, kind)
+    assert int(state.step) == len(kinds) and _counts(state.opt_state) == [len(kinds)]
 
 
 def test_unknown_policy_is_refused(batch):
