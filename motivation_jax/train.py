@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import numbers
 import os
 import time
 from typing import Any
@@ -42,6 +43,36 @@ def make_optimizer(config, total_steps: int, steps_per_epoch: int) -> optax.Grad
   if config.optimizer == "adamw":
     return optax.adamw(schedule, weight_decay=config.weight_decay)
   raise ConfigError(f"config.optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}")
+
+
+_AT_LEAST_1 = ("an integer >= 1", lambda v: v >= 1)
+_NON_NEGATIVE = ("a finite number >= 0", lambda v: v >= 0)
+# Top-level config values: name -> (kind, what it must be, test).
+_CHECKS = {
+    "batch_size": (int, *_AT_LEAST_1), "eval_batch_size": (int, *_AT_LEAST_1),
+    "num_epochs": (int, *_AT_LEAST_1), "log_every_steps": (int, *_AT_LEAST_1),
+    "eval_every_epochs": (int, *_AT_LEAST_1), "checkpoint_every_epochs": (int, *_AT_LEAST_1),
+    "seed": (int, "an integer >= 0", lambda v: v >= 0),
+    "learning_rate": (float, "a finite number > 0", lambda v: v > 0),
+    "momentum": (float, "a number in [0, 1)", lambda v: 0 <= v < 1),
+    "weight_decay": (float, *_NON_NEGATIVE), "warmup_epochs": (float, *_NON_NEGATIVE),
+}
+
+
+def check_config(config) -> None:
+  """Refuses, in one line and before any work, a value that cannot train."""
+  for name, (kind, rule, holds) in _CHECKS.items():
+    if name not in config:
+      raise ConfigError(f"config.{name} is missing (configs/default.py lists every key)")
+    value = config[name]
+    number = numbers.Integral if kind is int else numbers.Real
+    ok = (isinstance(value, number) and not isinstance(value, bool)
+          and math.isfinite(value) and holds(value))
+    if not ok:
+      raise ConfigError(f"config.{name} must be {rule}, got {value!r}")
+  if config.model.batch_norm_stats not in steps.BATCH_STATS:
+    raise ConfigError(f"config.model.batch_norm_stats must be one of {steps.BATCH_STATS}, "
+                      f"got {config.model.batch_norm_stats!r}")
 
 
 def build(config, dataset: data.Dataset):
@@ -76,6 +107,7 @@ def evaluate(eval_steps, state, dataset: data.Dataset, batch_size: int) -> dict[
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains both sub-networks and returns the summary (also in workdir/summary.json)."""
   start_time = time.time()
+  check_config(config)
   os.makedirs(workdir, exist_ok=True)
   dataset = data.get_dataset(config.dataset, config.data_dir)
   model, wmap, controller = build(config, dataset)
@@ -90,9 +122,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                        policy=config.motivation.policy)
   eval_steps = steps.make_eval_steps(model)
 
-  if config.model.batch_norm_stats not in steps.BATCH_STATS:
-    raise ConfigError(f"config.model.batch_norm_stats must be one of {steps.BATCH_STATS}, "
-                      f"got {config.model.batch_norm_stats!r}")
   rng = jax.random.key(config.seed)
   sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
   state = steps.create_train_state(model, optimizer, rng, sample,
@@ -130,9 +159,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     metrics = jax.device_get(metrics)  # batch t finished long ago: no stall
     loss = float(metrics["loss"])
     if not math.isfinite(loss):
-      raise TrainingError(
-          f"the training loss is {loss} at batch {t} ({kind} step); the last checkpoint in "
-          f"{ckpt.directory} is intact; lower config.learning_rate")
+      last = ckpt.latest_step()
+      kept = (f"the checkpoint of batch {last} in {ckpt.directory} is intact" if last is not None
+              else "no checkpoint had been written yet")
+      raise TrainingError(f"the training loss is {loss} at batch {t} ({kind} step); {kept}; "
+                          "lower config.learning_rate")
     controller.observe(t, loss)
     for name, value in metrics.items():
       interval[f"{kind}/{name}"].append(float(value))

@@ -121,10 +121,22 @@ def test_resuming_with_another_motivation_config_is_refused(tmp_path):
 
 
 def test_a_nan_loss_stops_training_with_one_line(tmp_path):
+  # A learning rate this large sends the parameters to inf within two steps.
   with pytest.raises(TrainingError, match=r"the training loss is nan at batch \d+ "
-                     r"\((base|motivated) step\)") as e:
-    train.train_and_evaluate(small_config(learning_rate=float("nan")), str(tmp_path))
+                     r"\((base|motivated) step\); no checkpoint had been written") as e:
+    train.train_and_evaluate(small_config(learning_rate=1e30), str(tmp_path))
   assert "\n" not in str(e.value)
+
+
+def test_a_nan_loss_after_a_checkpoint_names_it_and_keeps_it(tmp_path):
+  train.train_and_evaluate(small_config(num_epochs=1), str(tmp_path))
+  with pytest.raises(TrainingError, match=r"loss is nan at batch 2[2-9] .*the checkpoint of "
+                     r"batch 22 in .* is intact"):
+    # The second epoch diverges: same motivation config, a learning rate that explodes.
+    train.train_and_evaluate(small_config(learning_rate=1e30), str(tmp_path))
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
+  assert ckpt.latest_step() == 22
+  ckpt.close()
 
 
 @pytest.mark.parametrize("overrides, error, message", [
@@ -134,6 +146,11 @@ def test_a_nan_loss_stops_training_with_one_line(tmp_path):
     ({"optimizer": "lion"}, ConfigError, "config.optimizer must be"),
     ({"model.base": {"widths": (128,)}}, NestingError, "layer 0 is 128 wide in the base"),
     ({"model.batch_norm_stats": "mixed"}, ConfigError, "batch_norm_stats"),
+    ({"batch_size": 0}, ConfigError, r"config.batch_size must be an integer >= 1, got 0"),
+    ({"learning_rate": float("nan")}, ConfigError, r"learning_rate must be a finite number > 0"),
+    ({"momentum": 1.0}, ConfigError, r"config.momentum must be a number in \[0, 1\), got 1.0"),
+    ({"eval_every_epochs": 0}, ConfigError, "config.eval_every_epochs must be an integer >= 1"),
+    ({"seed": -1}, ConfigError, "config.seed must be an integer >= 0"),
 ])
 def test_bad_config_values_fail_in_one_line(tmp_path, overrides, error, message):
   with pytest.raises(error, match=message) as e:
