@@ -258,4 +258,6 @@ def format_summary(summary: dict[str, Any]) -> str:
       f"motivated model alone on every batch ({summary['large_alone_flops']:.3e})",
       f"wall time: {summary['wall_time_s']:.1f} s",
   ]
+  if summary["resumed_from_step"]:
+    lines[-1] += f" (this process, resumed at batch {summary['resumed_from_step']:,})"
   return "\n".join(lines)

@@ -68,6 +68,7 @@ def test_the_default_config_trains_both_models_above_90_percent(tmp_path):
   assert json.load(open(tmp_path / "summary.json"))["activations"] == summary["activations"]
   table = train.format_summary(summary)
   assert "test accuracy" in table and "of training the motivated model alone" in table
+  assert "resumed" not in table
 
 
 def _restore(workdir):
@@ -93,6 +94,7 @@ def test_a_run_resumed_from_a_checkpoint_ends_bit_identical(tmp_path):
     f.writelines(kept)
   again = train.train_and_evaluate(config, resumed)
   assert again["resumed_from_step"] == 22
+  assert "(this process, resumed at batch 22)" in train.format_summary(again)
   assert again["motivated_steps"] == summary["motivated_steps"]
   jax.tree.map(np.testing.assert_array_equal, _restore(straight), _restore(resumed))
   assert open(os.path.join(straight, "decisions.jsonl")).read() == open(
