@@ -1,5 +1,6 @@
 """Shared test fixtures: small nested models and batches."""
 
+import importlib.util
 import os
 
 # Before JAX starts: deterministic CPU runs with several devices for sharding tests.
@@ -12,6 +13,18 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from motivation_jax.models import NestedCNN, NestedMLP  # noqa: E402
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_default_config():
+  """``configs/default.py``'s ``get_config()`` (configs/ is not a package)."""
+  spec = importlib.util.spec_from_file_location("default",
+                                                os.path.join(ROOT, "configs", "default.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def apply(model, variables, x, **kwargs):

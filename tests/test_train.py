@@ -1,6 +1,5 @@
 """The main job end to end: training, outputs, resume, and one-line errors."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -16,14 +15,11 @@ from motivation_jax import checkpoint, train
 from motivation_jax.errors import CheckpointError, ConfigError, TrainingError
 from motivation_jax.models import NestingError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, load_default_config
 
 
 def default_config():
-  spec = importlib.util.spec_from_file_location("default", os.path.join(ROOT, "configs/default.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = load_default_config()
   config.progress_bar = False
   return config
 
