@@ -152,6 +152,40 @@ def opt_state_regions(optimizer: optax.GradientTransformation,
       transform_non_params=lambda x: jax.tree.map(whole, x))
 
 
+def zero_extensions(params: PyTree, params_regions: PyTree,
+                    last_layers: tuple[str, ...]) -> PyTree:
+  """``params`` with every extension of the base starting at zero.
+
+  Two rules, which together make the motivated model compute what the base
+  computes at initialisation wherever the family's architecture allows it
+  (each family's docstring says where it does not):
+
+  - width: in every ``kernel`` leaf (layout ``[..., in, out]``, as all nested
+    layers store it) the weights from extension inputs into base outputs,
+    ``kernel[..., base_in:, :base_out]``, are zero, so the extra units do not
+    change the base's units;
+  - depth: in a block only the motivated model has, the leaves whose path ends
+    with one of ``last_layers`` (the family's last layer of a residual branch,
+    e.g. ``bn2/scale``) are zero, so the block starts as the identity.
+
+  The zeroed weights still get gradients: they are an initial value, not a mask.
+  """
+  def suffix(name, s):
+    return name == s or name.endswith("/" + s)
+
+  flat_regions = flax.traverse_util.flatten_dict(params_regions)
+  flat = dict(flax.traverse_util.flatten_dict(params))
+  for path, region in flat_regions.items():
+    x, name = flat[path], "/".join(path)
+    if not region.in_base:
+      if any(suffix(name, s) for s in last_layers):
+        flat[path] = jax.numpy.zeros_like(x)
+    elif path[-1] == "kernel" and x.ndim >= 2 and not region.whole:
+      base_in, base_out = region.base_shape[-2:]
+      flat[path] = x.at[..., base_in:, :base_out].set(0)
+  return flax.traverse_util.unflatten_dict(flat)
+
+
 def export(variables: Mapping[str, PyTree], subnet: str,
            wmap: WeightsMap) -> dict[str, PyTree]:
   """Variables of one sub-network, accepted by ``model.standalone(subnet)``."""

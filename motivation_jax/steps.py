@@ -72,11 +72,26 @@ class TrainState:
 
 def create_train_state(model, optimizer: optax.GradientTransformation,
                        rng: jax.Array, sample_input: jax.Array, *,
-                       stats: str = "per_subnet") -> TrainState:
-  """Initialises the one variables pytree at the motivated size."""
+                       stats: str = "per_subnet",
+                       extension_init: str = "default") -> TrainState:
+  """Initialises the one variables pytree at the motivated size
+  (``extension_init``: see ``models.init_variables``)."""
+  variables = models.init_variables(model, rng, sample_input, extension_init=extension_init)
+  return _train_state(variables, optimizer, stats)
+
+
+def abstract_train_state(model, optimizer: optax.GradientTransformation,
+                         sample_input: jax.Array, *, stats: str = "per_subnet") -> TrainState:
+  """Shapes and dtypes of ``create_train_state``'s result, computed without FLOPs
+  (what a checkpoint restores into)."""
+  return jax.eval_shape(lambda: _train_state(
+      model.init(jax.random.key(0), sample_input, subnet="motivated", train=False),
+      optimizer, stats))
+
+
+def _train_state(variables, optimizer, stats: str) -> TrainState:
   if stats not in BATCH_STATS:
     raise ValueError(f"batch-norm stats must be one of {BATCH_STATS}, got {stats!r}")
-  variables = models.init_variables(model, rng, sample_input)
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   if stats == "per_subnet":

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from motivation_jax import nesting
-from motivation_jax.models import NestedCNN, NestedMLP, NestingError, init_variables
+from motivation_jax.models import NestedResNet, NestedMLP, NestingError, init_variables
 
-from conftest import apply, make_batch
+from conftest import apply, check_export_matches_standalone, make_batch, randomise
 
 
 def _init(model, batch):
@@ -16,32 +16,11 @@ def _init(model, batch):
 
 
 def _randomise(variables, seed=3):
-  """Perturbs every leaf (batch stats too), so that tests of them can fail."""
-  rng = np.random.default_rng(seed)  # numpy: no XLA compile per leaf shape
-  return jax.tree.map(lambda x: x + jnp.asarray(0.1 * rng.uniform(size=x.shape), x.dtype),
-                      variables)
+  return randomise(variables, seed)
 
 
 def test_export_base_gives_the_standalone_base_the_same_logits(model, batch):
-  variables = _randomise(_init(model, batch))
-  wmap = nesting.weights_map(model, batch["image"], subnet="motivated")
-  exported = nesting.export(variables, "base", wmap)
-  standalone = model.standalone("base")
-  # The standalone module's own init has exactly the exported structure and shapes.
-  expected = jax.eval_shape(
-      lambda: standalone.init(jax.random.key(1), batch["image"], subnet="motivated"))
-  assert jax.tree.map(jnp.shape, exported) == jax.tree.map(lambda s: s.shape, expected)
-  for train in (False, True):
-    nested, nested_stats = apply(model, variables, batch["image"], subnet="base",
-                                       train=train, mutable=("batch_stats",))
-    alone, alone_stats = apply(standalone, exported, batch["image"], subnet="motivated",
-                                          train=train, mutable=("batch_stats",))
-    np.testing.assert_allclose(nested, alone, rtol=1e-5, atol=1e-5)
-    if train and "batch_stats" in variables:
-      # The nested base updates exactly the base slice of the running statistics.
-      got = nesting.export({"batch_stats": nested_stats["batch_stats"]}, "base", wmap)
-      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
-                   got["batch_stats"], alone_stats["batch_stats"])
+  check_export_matches_standalone(model, batch["image"])
 
 
 def test_export_motivated_gives_the_standalone_motivated_the_same_logits(model, batch):
@@ -98,8 +77,8 @@ def test_extension_leaves_have_empty_views_and_count_in_the_motivated_size():
 @pytest.mark.parametrize("build, message", [
     (lambda: NestedMLP((64,), (32,), 10), "layer 0 is 64 wide in the base but 32"),
     (lambda: NestedMLP((16, 16, 16), (32, 32), 10), "the base has 3 layers"),
-    (lambda: NestedCNN((8, 16), (1, 3), (16, 32), (2, 2), 10), "stage 1 has 3 blocks"),
-    (lambda: NestedCNN((8,), (1,), (16, 32), (1, 1), 10), "same number of stages"),
+    (lambda: NestedResNet((8, 16), (1, 3), (16, 32), (2, 2), 10), "stage 1 has 3 blocks"),
+    (lambda: NestedResNet((8,), (1,), (16, 32), (1, 1), 10), "same number of stages"),
 ])
 def test_a_base_that_is_not_nested_is_refused(build, message):
   with pytest.raises(NestingError, match=message):

@@ -10,7 +10,7 @@ import pytest
 from motivation_jax import nesting, steps
 from motivation_jax.controller import Controller, make_condition
 
-from conftest import MODELS, make_batch
+from conftest import MODELS, check_step_flops, make_batch, reference_step
 
 OPTIMIZERS = {
     "sgd_momentum": lambda: optax.sgd(0.05, momentum=0.9),
@@ -105,22 +105,6 @@ def test_the_outside_check_catches_a_leaking_base_step(batch):
   assert any(path.startswith("opt_state") for path in changed)
 
 
-def _reference_step(module, optimizer, variables, opt_state, batch):
-  """One ordinary train step of a plain Flax model, written independently
-  (with the same metrics as ours: loss and accuracy)."""
-  def loss(p):
-    logits, new = module.apply({"params": p, "batch_stats": variables["batch_stats"]},
-                               batch["image"], train=True, mutable=["batch_stats"])
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-    return loss, (logits, new.get("batch_stats", {}))
-  (loss, (logits, stats)), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
-  updates, opt_state = optimizer.update(grads, opt_state, variables["params"])
-  # A train step that reports accuracy computes the logits' argmax as well.
-  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-  return ({"params": optax.apply_updates(variables["params"], updates), "batch_stats": stats},
-          opt_state, loss, accuracy)
-
-
 @pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
 def test_base_step_is_an_ordinary_step_of_the_standalone_base(model, batch, opt_name):
   optimizer = OPTIMIZERS[opt_name]()
@@ -131,7 +115,7 @@ def test_base_step_is_an_ordinary_step_of_the_standalone_base(model, batch, opt_
   variables = _copy(nesting.export(state.variables("base"), "base", wmap))
   opt_state = _copy(nesting.export_opt_state(optimizer, state.opt_state, wmap))
   chex.assert_trees_all_equal_structs(opt_state, optimizer.init(variables["params"]))
-  reference = jax.jit(lambda v, o, b: _reference_step(standalone, optimizer, v, o, b))
+  reference = jax.jit(lambda v, o, b: reference_step(standalone, optimizer, v, o, b))
   for i in range(3):  # several steps, so the optimizer's moments take part
     b = make_batch(seed=10 + i)
     state, metrics = fns["base"](state, b)
@@ -241,32 +225,8 @@ def test_each_step_is_traced_and_compiled_once_over_hundreds_of_switches():
   assert len(compiles) == 2, compiles
 
 
-def _flops(fn, *args):
-  return steps.compiled_flops(jax.jit(fn).lower(*args).compile())
-
-
 def test_compiled_flops_match_the_standalone_models(model_name):
-  # XLA's cost analysis charges the in-place write-back of the base region a
-  # few FLOPs per element of the whole leaf (~5 per parameter with AdamW), an
-  # accounting cost, not arithmetic. It is independent of the batch size, so
-  # at a real batch size (128) it is well under 5% even for these tiny models.
-  batch = make_batch(n=128)
-  model, optimizer = MODELS[model_name](), OPTIMIZERS["adamw"]()
-  state, wmap, fns = _setup(model, optimizer, batch)
-  for subnet in ("base", "motivated"):
-    standalone = model.standalone(subnet)
-    variables = nesting.export(state.variables(subnet), subnet, wmap)
-    variables.setdefault("batch_stats", {})
-    opt_state = optimizer.init(variables["params"])
-    reference = _flops(lambda v, o, b: _reference_step(standalone, optimizer, v, o, b),
-                       variables, opt_state, batch)
-    nested = steps.compiled_flops(fns[subnet].lower(state, batch).compile())
-    assert reference > 0
-    assert abs(nested - reference) <= 0.05 * reference, (subnet, nested, reference)
-  # And the base really is cheaper: not a masked full-width computation.
-  base, motivated = (steps.compiled_flops(fns[k].lower(state, batch).compile())
-                     for k in ("base", "motivated"))
-  assert base < 0.6 * motivated
+  check_step_flops(MODELS[model_name](), make_batch(n=128))
 
 
 def test_steps_run_data_parallel_with_explicit_shardings():

@@ -164,7 +164,7 @@ def _main(*args, config="configs/default.py"):
 def test_main_reports_bad_input_in_one_line_without_a_traceback(tmp_path):
   result = _main(f"--workdir={tmp_path}", "--config.model.motivated.widths=(8,8)")
   assert result.returncode == 2, result.stderr
-  assert result.stderr.strip().splitlines()[-1].startswith("error: NestedCNN: layer 0 is 16")
+  assert result.stderr.strip().splitlines()[-1].startswith("error: NestedResNet: layer 0 is 16")
   assert "Traceback" not in result.stderr
   result = _main(f"--workdir={tmp_path}", "--config.learning_rat=0.1")
   assert result.returncode != 0

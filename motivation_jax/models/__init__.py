@@ -6,47 +6,126 @@ The contract every family follows (and ``nesting`` relies on):
 - ``model.apply(variables, x, subnet="base" | "motivated", train=...)`` runs
   that sub-network; the base slices the leading part of each variable;
 - ``model.standalone(subnet)`` returns the plain module of that sub-network's
-  size, which accepts ``nesting.export(variables, subnet, ...)``.
+  size, which accepts ``nesting.export(variables, subnet, ...)``; its fields
+  are JSON values, so ``standalone_spec`` can describe it for deployment;
+- every ``kernel`` leaf is laid out ``[..., in, out]``, and
+  ``model.extension_last_layers`` names the last layer of a residual branch,
+  which ``extension_init="zero"`` zeroes in blocks only the motivated model has
+  (``nesting.zero_extensions``);
+- the family module has ``from_config(base, motivated, num_classes, **options)``
+  taking the ``config.model.base`` / ``.motivated`` dicts (``FAMILIES`` below).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
+import inspect
 from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
-from motivation_jax.models.cnn import NestedCNN
+from motivation_jax.models import cnn, mlp, resnet, vit
 from motivation_jax.models.layers import SUBNETS, NestingError
 from motivation_jax.models.mlp import NestedMLP
+from motivation_jax.models.resnet import NestedResNet
+from motivation_jax.models.vit import NestedViT
 
-MODELS = {"mlp": NestedMLP, "cnn": NestedCNN}
+# Family name (config.model.name) -> module with ``from_config``.
+FAMILIES = {"mlp": mlp, "cnn": cnn, "resnet": resnet, "vit": vit}
+MODELS = FAMILIES  # the name the core issue used
+EXTENSION_INITS = ("default", "zero")
+# Keys of config.model that are not options of the family.
+_COMMON_KEYS = ("name", "base", "motivated", "batch_norm_stats", "extension_init")
 
 
-def init_variables(model, rng: jax.Array, sample_input: jax.Array) -> dict:
+def init_variables(model, rng: jax.Array, sample_input: jax.Array, *,
+                   extension_init: str = "default") -> dict:
   """``model.init`` at the motivated size, compiled once.
+
+  ``extension_init="zero"`` then zeroes the extensions of the base
+  (``nesting.zero_extensions``), so that the motivated model starts out
+  computing what the base computes where the family allows it.
 
   Initialisers are many small threefry programs that XLA's CPU backend spends
   seconds optimising for a function that runs once, so on CPU the compile uses
   the lowest backend optimisation level (the values are the same).
   """
+  if extension_init not in EXTENSION_INITS:
+    raise ValueError(f"extension_init must be one of {EXTENSION_INITS}, got {extension_init!r}")
   options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
   init = jax.jit(functools.partial(model.init, subnet="motivated", train=False),
                  compiler_options=options)
-  return init(rng, sample_input)
+  variables = init(rng, sample_input)
+  if extension_init == "zero":
+    from motivation_jax import nesting  # nesting imports this package
+    wmap = nesting.weights_map(model, sample_input, subnet="motivated")
+    zero = functools.partial(nesting.zero_extensions, params_regions=wmap.params,
+                             last_layers=tuple(model.extension_last_layers))
+    variables = {**variables, "params": jax.jit(zero)(variables["params"])}
+  return variables
 
 
 def build_model(config: Mapping[str, Any], num_classes: int):
   """Builds a nested model from ``config.model`` (see configs/default.py)."""
   name = config["name"]
-  if name not in MODELS:
-    raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
-  base, motivated = dict(config["base"]), dict(config["motivated"])
-  if name == "mlp":
-    return NestedMLP(tuple(base["widths"]), tuple(motivated["widths"]), num_classes)
-  return NestedCNN(tuple(base["widths"]), tuple(base["depths"]),
-                   tuple(motivated["widths"]), tuple(motivated["depths"]), num_classes)
+  if name not in FAMILIES:
+    raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(FAMILIES))}")
+  from_config = FAMILIES[name].from_config
+  accepted = [p for p in inspect.signature(from_config).parameters
+              if p not in ("base", "motivated", "num_classes")]
+  options = {k: config[k] for k in config if k not in _COMMON_KEYS}
+  for key in options:
+    if key not in accepted:
+      raise ValueError(f"{key!r} is not an option of the {name} family "
+                       f"(its options: {', '.join(accepted) or 'none'})")
+  return from_config(dict(config["base"]), dict(config["motivated"]), num_classes, **options)
 
 
-__all__ = ["MODELS", "NestedCNN", "NestedMLP", "NestingError", "SUBNETS", "build_model",
-           "init_variables"]
+def standalone_spec(model, subnet: str) -> dict[str, Any]:
+  """JSON description of ``model.standalone(subnet)``: module path and fields."""
+  alone = model.standalone(subnet)
+  kwargs = {}
+  for field in dataclasses.fields(alone):
+    if field.name in ("parent", "name"):
+      continue
+    value = getattr(alone, field.name)
+    if field.name == "dtype":
+      value = jnp.dtype(value).name
+    elif isinstance(value, tuple):
+      value = list(value)
+    kwargs[field.name] = value
+  cls = type(alone)
+  return {"module": cls.__module__, "class": cls.__qualname__, "kwargs": kwargs}
+
+
+def build_standalone(spec: Mapping[str, Any]) -> nn.Module:
+  """The module ``standalone_spec`` describes (imports only its own module)."""
+  cls = getattr(importlib.import_module(spec["module"]), spec["class"])
+  tuples = lambda v: tuple(map(tuples, v)) if isinstance(v, list) else v
+  kwargs = {k: tuples(v) for k, v in spec["kwargs"].items()}
+  if "dtype" in kwargs:
+    kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+  return cls(**kwargs)
+
+
+def load_exported(directory: str) -> tuple[nn.Module, dict, dict]:
+  """``(module, variables, spec)`` of a model written by ``motivation_jax.export``."""
+  import json
+  import os
+
+  import orbax.checkpoint as ocp  # only here: the models need no checkpointing
+
+  directory = os.path.abspath(directory)
+  with open(os.path.join(directory, "model.json")) as f:
+    spec = json.load(f)
+  variables = ocp.StandardCheckpointer().restore(os.path.join(directory, "variables"))
+  return build_standalone(spec), variables, spec
+
+
+__all__ = ["EXTENSION_INITS", "FAMILIES", "MODELS", "NestedMLP", "NestedResNet", "NestedViT", "NestingError",
+           "SUBNETS", "build_model", "build_standalone", "init_variables", "load_exported",
+           "standalone_spec"]

@@ -4,11 +4,15 @@ The base uses the first ``len(base_widths)`` hidden layers, each sliced to its
 base width; the motivated model may be wider in every layer and deeper (extra
 hidden layers after the base's). The classifier head is shared: the base reads
 the first ``base_widths[-1]`` rows of its kernel.
+
+``extension_init="zero"``: the motivated model starts out computing the base's
+logits when it is only wider; extra hidden layers are not residual, so no
+initialisation makes them the identity, and a deeper motivated MLP differs.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -22,6 +26,9 @@ class NestedMLP(nn.Module):
   motivated_widths: Sequence[int]
   num_classes: int
   dtype: Any = jnp.float32
+
+  # Extra hidden layers are not residual branches: nothing to zero by depth.
+  extension_last_layers: ClassVar[tuple[str, ...]] = ()
 
   def __post_init__(self):
     check_widths("NestedMLP", self.base_widths, self.motivated_widths)
@@ -63,3 +70,25 @@ def check_widths(family: str, base: Sequence[int], motivated: Sequence[int]) -> 
     if b > m:
       raise NestingError(f"{family}: layer {i} is {b} wide in the base but {m} in the "
                          "motivated model; the base is not nested")
+
+
+def from_config(base: Mapping[str, Any], motivated: Mapping[str, Any],
+                num_classes: int) -> NestedMLP:
+  """``config.model.base`` / ``.motivated`` are ``{"widths": (...)}``."""
+  widths = [subnet_options("mlp", d, required=("widths",))["widths"] for d in (base, motivated)]
+  return NestedMLP(tuple(widths[0]), tuple(widths[1]), num_classes)
+
+
+def subnet_options(family: str, options: Mapping[str, Any], required: Sequence[str] = (),
+                   optional: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """One sub-network's config dict, checked: unknown keys and missing ones are refused."""
+  optional = dict(optional or {})
+  known = (*required, *optional)
+  for key in options:
+    if key not in known:
+      raise ValueError(f"{key!r} is not a sub-network option of the {family} family "
+                       f"(its options: {', '.join(known)})")
+  missing = [k for k in required if k not in options]
+  if missing:
+    raise ValueError(f"the {family} family needs {', '.join(missing)} for each sub-network")
+  return {**optional, **options}
