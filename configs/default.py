@@ -26,6 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset = "digits"
   # Where TFDS data sets live (unused by digits).
   config.data_dir = ml_collections.FieldReference(None, field_type=str)
+  # > 0: use this many examples of TFDS mock data per split instead of the data
+  # set (the configs' ":smoke" variants; TFDS data sets only).
+  config.mock_data_examples = 0
 
   # The nested model: one module at the motivated size; the base is a view.
   config.model = ml_collections.ConfigDict()
@@ -36,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Batch-norm running statistics: "per_subnet" (each sub-network keeps its own,
   # the default) or "shared" (the paper's copied buffers; see docs/choices.md).
   config.model.batch_norm_stats = "per_subnet"
+  # Extensions of the base: "default" (the layers' own initialisers) or "zero"
+  # (the motivated model starts out computing the base; see docs/models.md).
+  config.model.extension_init = "default"
 
   # Optimisation. The learning-rate schedule (linear warm-up, then cosine decay
   # to 0) is indexed by the global batch count (under policy "both" the two

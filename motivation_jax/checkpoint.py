@@ -1,4 +1,8 @@
-"""Orbax checkpoints of a run: train state, controller state and config.
+"""Orbax checkpoints of a run: train state, controller state, config and data set.
+
+The ``dataset`` item (name, classes, image shape, normalisation) is what
+``python -m motivation_jax.export`` needs to describe a deployed model without
+loading the data.
 
 The data position needs no entry of its own: training batches are addressed by
 the global batch index, which is ``state.step``.
@@ -18,6 +22,8 @@ import orbax.checkpoint as ocp
 
 from motivation_jax.errors import CheckpointError
 
+ITEMS = ("state", "controller", "config", "dataset")
+
 
 class Checkpointer:
   """A thin wrapper over ``ocp.CheckpointManager`` for this package's items."""
@@ -27,33 +33,29 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-        item_names=("state", "controller", "config"))
+        item_names=ITEMS)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, *, state, controller_state: dict, config: dict) -> None:
+  def save(self, step: int, *, state, controller_state: dict, config: dict,
+           dataset: dict) -> None:
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         controller=ocp.args.JsonSave(controller_state),
-        config=ocp.args.JsonSave(config)))
+        config=ocp.args.JsonSave(config),
+        dataset=ocp.args.JsonSave(dataset)))
 
-  def restore(self, abstract_state) -> tuple[Any, dict, dict, int] | None:
-    """The latest checkpoint as ``(state, controller_state, config, step)``, or None."""
-    step = self.manager.latest_step()
+  def restore(self, abstract_state, step: int | None = None
+              ) -> tuple[Any, dict, dict, int] | None:
+    """A checkpoint (the latest by default) as ``(state, controller_state, config,
+    step)``, or None when there is none."""
+    step = self.manager.latest_step() if step is None else step
     if step is None:
       return None
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          controller=ocp.args.JsonRestore(),
-          config=ocp.args.JsonRestore()))
-    except Exception as e:  # Orbax raises many types; the user needs one line.
-      first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-      raise CheckpointError(
-          f"cannot restore the checkpoint at {self.directory}/{step} ({type(e).__name__}: "
-          f"{first_line[:300]}); move it away to start afresh or pick another --workdir"
-      ) from e
+    restored = self._restore(step, state=ocp.args.StandardRestore(abstract_state),
+                             controller=ocp.args.JsonRestore(),
+                             config=ocp.args.JsonRestore())
     state = restored["state"]
     restored_shapes = jax.tree.map(lambda x: (x.shape, x.dtype), state)
     expected = jax.tree.map(lambda x: (x.shape, x.dtype), abstract_state)
@@ -61,6 +63,28 @@ class Checkpointer:
       raise CheckpointError(f"the checkpoint at {self.directory}/{step} holds a different "
                             "model or optimizer than this config builds")
     return state, restored["controller"], restored["config"], step
+
+  def restore_description(self, step: int | None = None) -> tuple[dict, dict, int]:
+    """``(config, dataset, step)`` of a checkpoint, without its arrays."""
+    step = self.manager.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    if step not in self.manager.all_steps():
+      raise CheckpointError(f"no checkpoint of batch {step} in {self.directory} (there are: "
+                            f"{', '.join(map(str, self.manager.all_steps()))})")
+    restored = self._restore(step, config=ocp.args.JsonRestore(),
+                             dataset=ocp.args.JsonRestore())
+    return restored["config"], restored["dataset"], step
+
+  def _restore(self, step: int, **items):
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # Orbax raises many types; the user needs one line.
+      first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      raise CheckpointError(
+          f"cannot restore the checkpoint at {self.directory}/{step} ({type(e).__name__}: "
+          f"{first_line[:300]}); move it away to start afresh or pick another --workdir"
+      ) from e
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

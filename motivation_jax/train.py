@@ -53,6 +53,7 @@ _CHECKS = {
     "num_epochs": (int, *_AT_LEAST_1), "log_every_steps": (int, *_AT_LEAST_1),
     "eval_every_epochs": (int, *_AT_LEAST_1), "checkpoint_every_epochs": (int, *_AT_LEAST_1),
     "seed": (int, "an integer >= 0", lambda v: v >= 0),
+    "mock_data_examples": (int, "an integer >= 0", lambda v: v >= 0),
     "learning_rate": (float, "a finite number > 0", lambda v: v > 0),
     "momentum": (float, "a number in [0, 1)", lambda v: 0 <= v < 1),
     "weight_decay": (float, *_NON_NEGATIVE), "warmup_epochs": (float, *_NON_NEGATIVE),
@@ -73,6 +74,9 @@ def check_config(config) -> None:
   if config.model.batch_norm_stats not in steps.BATCH_STATS:
     raise ConfigError(f"config.model.batch_norm_stats must be one of {steps.BATCH_STATS}, "
                       f"got {config.model.batch_norm_stats!r}")
+  if config.model.extension_init not in models.EXTENSION_INITS:
+    raise ConfigError(f"config.model.extension_init must be one of {models.EXTENSION_INITS}, "
+                      f"got {config.model.extension_init!r}")
 
 
 def build(config, dataset: data.Dataset):
@@ -109,7 +113,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_time = time.time()
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
-  dataset = data.get_dataset(config.dataset, config.data_dir)
+  dataset = data.get_dataset(config.dataset, config.data_dir,
+                             mock_examples=config.mock_data_examples)
   model, wmap, controller = build(config, dataset)
   if config.batch_size > len(dataset.train):
     raise ConfigError(f"config.batch_size={config.batch_size} exceeds the {len(dataset.train)} "
@@ -125,7 +130,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   rng = jax.random.key(config.seed)
   sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
   state = steps.create_train_state(model, optimizer, rng, sample,
-                                   stats=config.model.batch_norm_stats)
+                                   stats=config.model.batch_norm_stats,
+                                   extension_init=config.model.extension_init)
 
   # Resume: state, then controller (checks the motivation config), then the
   # data position, which is state.step.
@@ -178,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       observe_oldest()
     flush_decisions()
     ckpt.save(step, state=state, controller_state=controller.state_dict(),
-              config=json.loads(config.to_json()))
+              config=json.loads(config.to_json()), dataset=dataset.description())
 
   bar = tqdm.tqdm(total=total_steps, initial=first_step, disable=not config.progress_bar,
                   unit="batch", dynamic_ncols=True)

@@ -1,5 +1,7 @@
 """Data sources and host pipelines."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -68,5 +70,25 @@ def test_evaluation_counts_every_example_once_when_the_batch_size_does_not_divid
 
 
 def test_an_unknown_data_set_fails_at_once_naming_it():
-  with pytest.raises(DataError, match="unknown data set 'cifar11'; available here: digits"):
+  with pytest.raises(DataError, match="unknown data set 'cifar11'; available here: cifar10, "
+                     "cifar100, digits"):
     data.get_dataset("cifar11")
+
+
+def test_a_missing_tfds_data_set_fails_at_once_saying_how_to_get_it(tmp_path):
+  start = time.monotonic()
+  with pytest.raises(DataError, match=r"data set 'cifar10' is not prepared in .*empty .*"
+                     r"tfds build cifar10 --file_format=array_record.*--config.data_dir"):
+    data.get_dataset("cifar10", str(tmp_path / "empty"))
+  assert time.monotonic() - start < 30  # no download attempt
+  assert not (tmp_path / "empty").exists() or not any((tmp_path / "empty").rglob("*.array*"))
+
+
+def test_mock_data_stands_in_for_a_tfds_data_set_only():
+  cifar = data.get_dataset("cifar100", mock_examples=40)
+  assert cifar.name == "cifar100 (mock data)" and cifar.num_classes == 100
+  assert len(cifar.train) == len(cifar.test) == 40
+  assert cifar.image_shape == (32, 32, 3) and len(cifar.mean) == 3
+  assert cifar.train[[0, 1]]["image"].dtype == np.uint8
+  with pytest.raises(DataError, match="mock data stands in for TFDS data sets"):
+    data.get_dataset("digits", mock_examples=40)

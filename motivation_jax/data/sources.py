@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import numpy as np
@@ -43,11 +44,25 @@ class Dataset:
   def image_shape(self) -> tuple[int, ...]:
     return tuple(self.train[0]["image"].shape)
 
+  def description(self) -> dict:
+    """What a deployed model needs to know of its data (JSON values)."""
+    return {"name": self.name, "num_classes": self.num_classes,
+            "image_shape": list(self.image_shape), "mean": list(self.mean),
+            "std": list(self.std)}
+
 
 def _from_arrays(name, train_x, train_y, test_x, test_y, num_classes) -> Dataset:
-  axes = tuple(range(train_x.ndim - 1))
-  mean = tuple(float(m) for m in train_x.mean(axis=axes))
-  std = tuple(float(s) for s in train_x.std(axis=axes))
+  # Per-channel moments in chunks: a float64 copy of CIFAR's 50,000 images
+  # would take over a GB.
+  flat = train_x.reshape(-1, train_x.shape[-1])
+  total, squares = np.zeros(flat.shape[1]), np.zeros(flat.shape[1])
+  for i in range(0, len(flat), 1 << 20):
+    chunk = flat[i:i + (1 << 20)].astype(np.float64)
+    total += chunk.sum(0)
+    squares += np.square(chunk).sum(0)
+  mean_values = total / len(flat)
+  mean = tuple(float(m) for m in mean_values)
+  std = tuple(float(s) for s in np.sqrt(np.maximum(squares / len(flat) - mean_values ** 2, 0)))
   return Dataset(name, ArraySource(train_x, train_y), ArraySource(test_x, test_y),
                  num_classes, mean, std)
 
@@ -69,10 +84,50 @@ def load_digits(data_dir: str | None = None) -> Dataset:
   return _from_arrays("digits", images[train], labels[train], images[test], labels[test], 10)
 
 
-DATASETS: dict[str, Callable[[str | None], Dataset]] = {"digits": load_digits}
+def load_tfds(name: str, data_dir: str | None = None, *, num_classes: int) -> Dataset:
+  """A TFDS image data set that is already prepared (array_record), read into memory.
+
+  Never downloads: a data set that is not there fails at once, naming it and
+  how to get it. (In tests, ``tfds.testing.mock_data`` stands in for it.)
+  """
+  import tensorflow_datasets as tfds  # heavy import, only here
+
+  splits = {}
+  for split in ("train", "test"):
+    try:
+      source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                try_gcs=False)
+    except Exception as e:  # TFDS raises several types for "not prepared here"
+      where = data_dir or "TFDS's default data_dir (~/tensorflow_datasets)"
+      raise DataError(
+          f"data set {name!r} is not prepared in {where} ({type(e).__name__}); prepare it "
+          f"where there is network with `tfds build {name} --file_format=array_record` and "
+          "point --config.data_dir at that directory") from e
+    examples = [source[i] for i in range(len(source))]
+    splits[split] = (np.stack([np.asarray(x["image"], np.uint8) for x in examples]),
+                     np.asarray([x["label"] for x in examples], np.int32))
+  return _from_arrays(name, *splits["train"], *splits["test"], num_classes)
 
 
-def get_dataset(name: str, data_dir: str | None = None) -> Dataset:
+TFDS_DATASETS = ("cifar10", "cifar100")
+DATASETS: dict[str, Callable[[str | None], Dataset]] = {
+    "digits": load_digits,
+    "cifar10": functools.partial(load_tfds, "cifar10", num_classes=10),
+    "cifar100": functools.partial(load_tfds, "cifar100", num_classes=100),
+}
+
+
+def get_dataset(name: str, data_dir: str | None = None, *, mock_examples: int = 0) -> Dataset:
+  """The data set ``name``; ``mock_examples > 0``: TFDS mock data of that many
+  examples per split in its place (random images of the right shapes)."""
   if name not in DATASETS:
     raise DataError(f"unknown data set {name!r}; available here: {', '.join(sorted(DATASETS))}")
-  return DATASETS[name](data_dir)
+  if not mock_examples:
+    return DATASETS[name](data_dir)
+  if name not in TFDS_DATASETS:
+    raise DataError(f"mock data stands in for TFDS data sets ({', '.join(TFDS_DATASETS)}), "
+                    f"not for {name!r}")
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=mock_examples):
+    dataset = DATASETS[name](None)
+  return dataclasses.replace(dataset, name=f"{name} (mock data)")

@@ -1,0 +1,112 @@
+"""Deploy one sub-network of a run: ``python -m motivation_jax.export``.
+
+  python -m motivation_jax.export --workdir=DIR --subnet=base --out=OUT
+
+writes, from the latest checkpoint of the run in ``DIR`` (or ``--step``):
+
+- ``OUT/variables/``: an Orbax checkpoint of that sub-network's variables
+  alone (``nesting.export``: the base's slices, or the whole motivated tree),
+  with the batch-norm statistics that sub-network evaluates with;
+- ``OUT/model.json``: the standalone architecture (module, class and fields),
+  the input shape and the normalisation the model expects.
+
+Loading needs the model's module and flax, not the training code::
+
+  spec = json.load(open("OUT/model.json"))
+  model = motivation_jax.models.build_standalone(spec)   # or import spec["module"]
+  variables = orbax.checkpoint.StandardCheckpointer().restore("OUT/variables")
+  logits = model.apply(variables, (images - mean) / std)
+
+``motivation_jax.models.load_exported(OUT)`` does exactly that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+
+from motivation_jax import checkpoint, models, nesting, steps
+from motivation_jax.errors import CheckpointError, ConfigError, MotivationError
+
+FORMAT = "motivation_jax.standalone/1"
+
+
+def export_run(workdir: str, subnet: str, out: str, *, step: int | None = None) -> dict:
+  """Exports ``subnet`` of the run in ``workdir`` to ``out``; returns model.json's content."""
+  if subnet not in models.SUBNETS:
+    raise ConfigError(f"--subnet must be 'base' or 'motivated', got {subnet!r}")
+  if os.path.exists(out) and os.listdir(out):
+    raise ConfigError(f"--out={out} exists and is not empty; pick a new directory")
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"no checkpoints in {directory}; train first with "
+                          f"python -m motivation_jax.main --workdir={workdir} ...")
+  ckpt = checkpoint.Checkpointer(directory)
+  try:
+    config_dict, dataset, step = ckpt.restore_description(step)
+    config = ml_collections.ConfigDict(config_dict)
+    model = models.build_model(config.model, dataset["num_classes"])
+    sample = jnp.zeros((1, *dataset["image_shape"]), jnp.float32)
+    wmap = nesting.weights_map(model, sample, subnet="motivated")
+    # The optimizer's state layout (not its schedule) is what the restore needs.
+    from motivation_jax.train import make_optimizer  # the training code, only to read
+    optimizer = make_optimizer(config, total_steps=1, steps_per_epoch=1)
+    abstract = steps.abstract_train_state(model, optimizer, sample,
+                                          stats=config.model.batch_norm_stats)
+    state = ckpt.restore(abstract, step)[0]
+  finally:
+    ckpt.close()
+  variables = nesting.export(state.variables(subnet), subnet, wmap)
+  if not jax.tree.leaves(variables.get("batch_stats", {})):
+    variables.pop("batch_stats", None)
+  spec = {
+      "format": FORMAT,
+      **models.standalone_spec(model, subnet),
+      "subnet": subnet,
+      "input_shape": dataset["image_shape"],
+      "num_classes": dataset["num_classes"],
+      "preprocess": {"mean": dataset["mean"], "std": dataset["std"],
+                     "rule": "(pixels - mean) / std, pixels in 0..255, NHWC"},
+      "params": wmap.num_params(subnet),
+      "source": {"workdir": os.path.abspath(workdir), "step": step,
+                 "dataset": dataset["name"], "model": config.model.to_dict()},
+  }
+  os.makedirs(out, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(os.path.abspath(out), "variables"), variables)
+  checkpointer.wait_until_finished()
+  with open(os.path.join(out, "model.json"), "w") as f:
+    json.dump(spec, f, indent=2)
+  return spec
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  f = flags.FLAGS
+  try:
+    spec = export_run(f.workdir, f.subnet, f.out, step=f.step)
+  except (MotivationError, ValueError) as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(2)
+  print(f"exported the {spec['subnet']} model ({spec['params']:,} parameters, batch "
+        f"{spec['source']['step']}) to {f.out}")
+
+
+if __name__ == "__main__":
+  # Flags only for the command line: importing export_run defines none.
+  flags.DEFINE_string("workdir", None, "The training run's --workdir.")
+  flags.DEFINE_enum("subnet", None, list(models.SUBNETS), "Which sub-network.")
+  flags.DEFINE_string("out", None, "New directory for the exported model.")
+  flags.DEFINE_integer("step", None, "Checkpoint to export (default: the latest).")
+  flags.mark_flags_as_required(["workdir", "subnet", "out"])
+  app.run(main)
