@@ -28,14 +28,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from motivation_jax.models import cnn, mlp, resnet, vit
+from motivation_jax.models import cnn, efficientnet, mlp, resnet, vit
+from motivation_jax.models.efficientnet import NestedEfficientNet
 from motivation_jax.models.layers import SUBNETS, NestingError
 from motivation_jax.models.mlp import NestedMLP
 from motivation_jax.models.resnet import NestedResNet
 from motivation_jax.models.vit import NestedViT
 
 # Family name (config.model.name) -> module with ``from_config``.
-FAMILIES = {"mlp": mlp, "cnn": cnn, "resnet": resnet, "vit": vit}
+FAMILIES = {
+    "mlp": mlp, "cnn": cnn, "resnet": resnet, "efficientnet": efficientnet, "vit": vit}
 MODELS = FAMILIES  # the name the core issue used
 EXTENSION_INITS = ("default", "zero")
 # Keys of config.model that are not options of the family.
@@ -126,6 +128,6 @@ def load_exported(directory: str) -> tuple[nn.Module, dict, dict]:
   return build_standalone(spec), variables, spec
 
 
-__all__ = ["EXTENSION_INITS", "FAMILIES", "MODELS", "NestedMLP", "NestedResNet", "NestedViT", "NestingError",
+__all__ = ["EXTENSION_INITS", "FAMILIES", "MODELS", "NestedEfficientNet", "NestedMLP", "NestedResNet", "NestedViT", "NestingError",
            "SUBNETS", "build_model", "build_standalone", "init_variables", "load_exported",
            "standalone_spec"]
