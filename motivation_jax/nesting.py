@@ -97,8 +97,9 @@ def weights_map(model, *sample_args, **sample_kwargs) -> WeightsMap:
   motivated model.
   """
   def shapes(module):
+    # The samples go in as arguments, so they may be arrays or ShapeDtypeStructs.
     variables = jax.eval_shape(
-        lambda: module.init(jax.random.key(0), *sample_args, **sample_kwargs))
+        lambda *args: module.init(jax.random.key(0), *args, **sample_kwargs), *sample_args)
     return {col: flax.traverse_util.flatten_dict(tree) for col, tree in variables.items()}
 
   full, base = shapes(model), shapes(model.standalone("base"))

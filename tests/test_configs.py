@@ -1,0 +1,63 @@
+"""Every config file: it builds, its docstring gives its command, its :smoke variant trains."""
+
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from motivation_jax import config_lib, models, nesting, train
+from motivation_jax.export import export_run
+
+from conftest import ROOT, fast_compiles
+
+CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
+FAMILY_CONFIGS = [c for c in CONFIGS if c != "default.py"]
+# The data sets' image shapes and classes, for building the full-size models abstractly.
+SHAPES = {"digits": ((8, 8, 1), 10), "cifar10": ((32, 32, 3), 10), "cifar100": ((32, 32, 3), 100)}
+
+
+def _load(name, arg=None):
+  return config_lib.load_config_file(os.path.join(ROOT, "configs", name), arg)
+
+
+def test_the_families_of_the_issue_have_configs():
+  families = {_load(name).model.name for name in FAMILY_CONFIGS}
+  assert {"resnet", "efficientnet", "vit"} <= families, families
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_a_config_documents_its_command_and_builds_a_nested_model(name):
+  with open(os.path.join(ROOT, "configs", name)) as f:
+    doc = f.read().split('"""')[1]
+  assert f"python -m motivation_jax.main --config=configs/{name}" in doc
+  assert "Expected result" in doc
+  config = _load(name)
+  train.check_config(config)
+  shape, num_classes = SHAPES[config.dataset]
+  model = models.build_model(config.model, num_classes)
+  # The full-size pair nests (checked abstractly: no memory, no FLOPs).
+  wmap = nesting.weights_map(model, jax.ShapeDtypeStruct((1, *shape), jnp.float32),
+                             subnet="motivated")
+  assert 0 < wmap.num_params("base") < wmap.num_params("motivated")
+
+
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
+def test_the_smoke_variant_trains_both_models_on_mock_data_and_exports(name, tmp_path):
+  config = _load(name, "smoke")
+  assert config.mock_data_examples > 0
+  with fast_compiles():  # a few steps: compiling is most of the time
+    summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert summary["dataset"].endswith("(mock data)")
+  assert summary["base_steps"] > 0 and summary["motivated_steps"] > 0
+  for subnet in ("base", "motivated"):
+    assert 0 <= summary[f"{subnet}/test_accuracy"] <= 1
+  spec = export_run(str(tmp_path / "run"), "base", str(tmp_path / "base"))
+  assert spec["params"] == summary["params"]["base"]
+
+
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
+def test_an_unknown_variant_is_refused(name):
+  with pytest.raises(ValueError, match="unknown variant 'large'; known: smoke"):
+    _load(name, "large")
