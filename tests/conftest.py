@@ -15,7 +15,8 @@ import optax  # noqa: E402
 import pytest  # noqa: E402
 
 from motivation_jax import nesting, steps  # noqa: E402
-from motivation_jax.models import NestedResNet, NestedMLP, init_variables  # noqa: E402
+from motivation_jax.models import (NestedEfficientNet, NestedMLP, NestedResNet,  # noqa: E402
+                                   NestedViT, init_variables)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,6 +62,14 @@ MODELS = {
     "resnet_imagenet": lambda: NestedResNet(base_widths=(4, 8), base_depths=(1, 1),
                                             motivated_widths=(8, 16), motivated_depths=(2, 2),
                                             num_classes=10, stem="imagenet"),
+    # Two stages of MBConv (expand 1 and 4), wider stem/head and one extra block.
+    "efficientnet": lambda: NestedEfficientNet(
+        base_stem=4, base_widths=(4, 8), base_depths=(1, 1), base_head=8,
+        motivated_stem=8, motivated_widths=(8, 12), motivated_depths=(1, 2), motivated_head=16,
+        num_classes=10, blocks=((1, 3, 1), (4, 3, 2))),
+    "vit": lambda: NestedViT(base_dim=16, base_heads=2, base_mlp_dim=32, base_depth=1,
+                             motivated_dim=24, motivated_heads=3, motivated_mlp_dim=48,
+                             motivated_depth=2, num_classes=10, patch_size=4, head_dim=8),
 }
 
 

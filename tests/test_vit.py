@@ -12,18 +12,16 @@ from motivation_jax.models import (NestingError, build_standalone, init_variable
                                    standalone_spec)
 from motivation_jax.models.vit import ARCHS, NestedViT, from_config
 
-from conftest import apply, check_export_matches_standalone, check_step_flops, make_batch
+from conftest import (apply, check_export_matches_standalone, check_step_flops, fast_compiles,
+                      make_batch)
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _fast_compiles():
   """XLA's CPU optimisation passes dominate the run time of these tiny programs, and no
-  check here depends on them (the FLOPs test compares programs compiled alike). The old
-  value is restored after this file."""
-  old = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+  check here depends on them (the FLOPs test compares programs compiled alike)."""
+  with fast_compiles():
+    yield
 
 
 def tiny(base_heads, base_depth, motivated_heads, motivated_depth):

@@ -233,7 +233,7 @@ class NestedEfficientNet(nn.Module):
     x = nn.swish(_norm(self.dtype, "head_bn")(x, subnet, train=train))
     x = jnp.mean(x, axis=(1, 2))
     return NestedDense(self.num_classes, dtype=self.dtype, kernel_init=DENSE_INIT,
-                       name="classifier")(x, subnet)
+                       name="head")(x, subnet)
 
 
 def round_filters(filters: float, width: float, divisor: int = DIVISOR) -> int:
