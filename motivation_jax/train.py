@@ -71,6 +71,9 @@ def check_config(config) -> None:
           and math.isfinite(value) and holds(value))
     if not ok:
       raise ConfigError(f"config.{name} must be {rule}, got {value!r}")
+  for key in ("name", "base", "motivated", "batch_norm_stats", "extension_init"):
+    if key not in config.model:
+      raise ConfigError(f"config.model.{key} is missing (configs/default.py lists every key)")
   if config.model.batch_norm_stats not in steps.BATCH_STATS:
     raise ConfigError(f"config.model.batch_norm_stats must be one of {steps.BATCH_STATS}, "
                       f"got {config.model.batch_norm_stats!r}")

@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from motivation_jax import checkpoint, train
-from motivation_jax.errors import CheckpointError, ConfigError, TrainingError
+from motivation_jax.errors import CheckpointError, ConfigError, DataError, TrainingError
 from motivation_jax.models import NestingError
 
 from conftest import ROOT, load_default_config
@@ -149,6 +149,14 @@ def test_a_nan_loss_after_a_checkpoint_names_it_and_keeps_it(tmp_path):
     ({"momentum": 1.0}, ConfigError, r"config.momentum must be a number in \[0, 1\), got 1.0"),
     ({"eval_every_epochs": 0}, ConfigError, "config.eval_every_epochs must be an integer >= 1"),
     ({"seed": -1}, ConfigError, "config.seed must be an integer >= 0"),
+    ({"model.extension_init": "ones"}, ConfigError, "config.model.extension_init must be one of"),
+    ({"model.base": {"widths": (32,), "depths": (1,)}}, ConfigError,
+     "'depths' is not a sub-network option of the mlp family"),
+    ({"model.name": "resnet", "model.base": {"arch": "resnet21"},
+      "model.motivated": {"arch": "resnet56"}}, ConfigError, "unknown ResNet 'resnet21'"),
+    ({"model.name": "vit", "model.base": {"arch": "ti"}, "model.motivated": {"arch": "s"},
+      "model.patch": 4}, ConfigError, "'patch' is not an option of the vit family"),
+    ({"mock_data_examples": 8}, DataError, "mock data stands in for TFDS data sets"),
 ])
 def test_bad_config_values_fail_in_one_line(tmp_path, overrides, error, message):
   with pytest.raises(error, match=message) as e:
