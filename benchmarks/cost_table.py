@@ -59,14 +59,9 @@ def measure(family, base, motivated, options, shape, num_classes, batch_size):
   batch = {"image": jax.ShapeDtypeStruct((batch_size, *shape), jnp.float32),
            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
   fns = steps.make_train_steps(model, optimizer, wmap=wmap)
-  flops = {k: _flops(fn.lower(state, batch).cost_analysis()) for k, fn in fns.items()}
+  # Lowered, not compiled: the count before backend optimisation (see above).
+  flops = {k: steps.compiled_flops(fn.lower(state, batch)) for k, fn in fns.items()}
   return {k: wmap.num_params(k) for k in flops}, flops
-
-
-def _flops(analysis) -> float:
-  if isinstance(analysis, (list, tuple)):  # older JAX: one dict per program
-    analysis = analysis[0]
-  return float(analysis["flops"])
 
 
 def main():

@@ -236,7 +236,8 @@ def make_eval_steps(model, *, jit: bool = True) -> dict[str, Callable]:
 
 
 def compiled_flops(compiled) -> float:
-  """FLOPs of one call of a compiled program, from XLA's cost analysis."""
+  """FLOPs of one call of a compiled program, from XLA's cost analysis (a
+  ``Lowered`` program works too: the count before backend optimisation)."""
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older JAX: one dict per program
     analysis = analysis[0] if analysis else {}

@@ -1,7 +1,6 @@
 """Shared test fixtures: small nested models and batches."""
 
 import contextlib
-import importlib.util
 import os
 
 # Before JAX starts: deterministic CPU runs with several devices for sharding tests.
@@ -14,7 +13,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import pytest  # noqa: E402
 
-from motivation_jax import nesting, steps  # noqa: E402
+from motivation_jax import config_lib, nesting, steps  # noqa: E402
 from motivation_jax.models import (NestedEfficientNet, NestedMLP, NestedResNet,  # noqa: E402
                                    NestedViT, init_variables)
 
@@ -24,11 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_default_config():
   """``configs/default.py``'s ``get_config()`` (configs/ is not a package)."""
-  spec = importlib.util.spec_from_file_location("default",
-                                                os.path.join(ROOT, "configs", "default.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load_config_file(os.path.join(ROOT, "configs", "default.py"))
 
 
 def apply(model, variables, x, **kwargs):

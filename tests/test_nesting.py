@@ -15,16 +15,12 @@ def _init(model, batch):
   return init_variables(model, jax.random.key(1), batch["image"])
 
 
-def _randomise(variables, seed=3):
-  return randomise(variables, seed)
-
-
 def test_export_base_gives_the_standalone_base_the_same_logits(model, batch):
   check_export_matches_standalone(model, batch["image"])
 
 
 def test_export_motivated_gives_the_standalone_motivated_the_same_logits(model, batch):
-  variables = _randomise(_init(model, batch))
+  variables = randomise(_init(model, batch))
   wmap = nesting.weights_map(model, batch["image"], subnet="motivated")
   exported = nesting.export(variables, "motivated", wmap)
   nested = apply(model, variables, batch["image"], subnet="motivated")
@@ -38,7 +34,7 @@ def test_base_ignores_everything_outside_its_region(model, batch):
   base_before = apply(model, variables, batch["image"], subnet="base")
   motivated_before = apply(model, variables, batch["image"], subnet="motivated")
   # Overwrite everything outside the base region with noise.
-  noisy = {col: nesting.merge_base(_randomise(tree, seed=7),
+  noisy = {col: nesting.merge_base(randomise(tree, seed=7),
                                    nesting.base_view(tree, wmap[col]), wmap[col])
            for col, tree in variables.items()}
   np.testing.assert_array_equal(apply(model, noisy, batch["image"], subnet="base"),
@@ -48,7 +44,7 @@ def test_base_ignores_everything_outside_its_region(model, batch):
 
 
 def test_base_runs_the_same_on_the_full_tree_and_on_its_view(model, batch):
-  variables = _randomise(_init(model, batch))
+  variables = randomise(_init(model, batch))
   wmap = nesting.weights_map(model, batch["image"], subnet="motivated")
   view = {col: nesting.base_view(tree, wmap[col]) for col, tree in variables.items()}
   np.testing.assert_array_equal(apply(model, variables, batch["image"], subnet="base"),
@@ -56,7 +52,7 @@ def test_base_runs_the_same_on_the_full_tree_and_on_its_view(model, batch):
 
 
 def test_merge_of_the_view_is_the_identity(model, batch):
-  variables = _randomise(_init(model, batch))
+  variables = randomise(_init(model, batch))
   wmap = nesting.weights_map(model, batch["image"], subnet="motivated")
   for col, tree in variables.items():
     merged = nesting.merge_base(tree, nesting.base_view(tree, wmap[col]), wmap[col])

@@ -38,7 +38,6 @@ from motivation_jax.models.vit import NestedViT
 # Family name (config.model.name) -> module with ``from_config``.
 FAMILIES = {
     "mlp": mlp, "cnn": cnn, "resnet": resnet, "efficientnet": efficientnet, "vit": vit}
-MODELS = FAMILIES  # the name the core issue used
 EXTENSION_INITS = ("default", "zero")
 # Keys of config.model that are not options of the family.
 _COMMON_KEYS = ("name", "base", "motivated", "batch_norm_stats", "extension_init")
@@ -128,6 +127,6 @@ def load_exported(directory: str) -> tuple[nn.Module, dict, dict]:
   return build_standalone(spec), variables, spec
 
 
-__all__ = ["EXTENSION_INITS", "FAMILIES", "MODELS", "NestedEfficientNet", "NestedMLP", "NestedResNet", "NestedViT", "NestingError",
-           "SUBNETS", "build_model", "build_standalone", "init_variables", "load_exported",
+__all__ = ["EXTENSION_INITS", "FAMILIES", "NestedEfficientNet", "NestedMLP", "NestedResNet",
+           "NestedViT", "NestingError", "SUBNETS", "build_model", "build_standalone", "init_variables", "load_exported",
            "standalone_spec"]
