@@ -22,13 +22,21 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
-  # Data set: "digits" (scikit-learn's bundled 8x8 digits; works offline).
+  # Data set: "digits" (scikit-learn's bundled 8x8 digits; works offline),
+  # "fashion_mnist", "mnist", "cifar10", "cifar100" or "imagenet2012" (README "Data").
   config.dataset = "digits"
-  # Where TFDS data sets live (unused by digits).
+  # Where TFDS data sets (or MNIST-format IDX files) live; unused by digits.
   config.data_dir = ml_collections.FieldReference(None, field_type=str)
   # > 0: use this many examples of TFDS mock data per split instead of the data
   # set (the configs' ":smoke" variants; TFDS data sets only).
   config.mock_data_examples = 0
+  # The data set's standard training augmentation (CIFAR: pad-and-crop + flip;
+  # ImageNet: inception crop + flip); none exists for digits and the MNISTs.
+  config.augment = True
+  # Side of the model's input for ImageNet, whose images vary in size (None: 224).
+  config.image_size = ml_collections.FieldReference(None, field_type=int)
+  # Host threads preparing batches ahead of the train loop (0: in the loop).
+  config.data_threads = 2
 
   # The nested model: one module at the motivated size; the base is a view.
   config.model = ml_collections.ConfigDict()

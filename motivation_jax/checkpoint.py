@@ -1,15 +1,19 @@
-"""Orbax checkpoints of a run: train state, controller state, config and data set.
+"""Orbax checkpoints of a run: train state, controller state, data position,
+config and data set.
+
+The ``data_position`` item is the next batch index plus what fixes the batches
+(seed, global batch size, data set; ``data.TrainBatches.position``): every
+batch is a pure function of its index, so that is all a resumed run needs to
+see exactly the batches of an uninterrupted one, on any number of processes.
 
 The ``dataset`` item (name, classes, image shape, normalisation) is what
 ``python -m motivation_jax.export`` needs to describe a deployed model without
 loading the data.
 
-The data position needs no entry of its own: training batches are addressed by
-the global batch index, which is ``state.step``.
-
-Resume order (``train.train_and_evaluate``): build the abstract state, restore
-the latest checkpoint into it, load the controller state (which refuses a
-different motivation config), then continue the data at batch ``state.step``.
+Resume order (``train.train_and_evaluate``): build the abstract state (with its
+shardings), restore the latest checkpoint into it, load the controller state
+(which refuses a different motivation config), check the data position against
+this run's batches, then continue at that batch.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import orbax.checkpoint as ocp
 
 from motivation_jax.errors import CheckpointError
 
-ITEMS = ("state", "controller", "config", "dataset")
+ITEMS = ("state", "controller", "data_position", "config", "dataset")
 
 
 class Checkpointer:
@@ -38,31 +42,32 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, *, state, controller_state: dict, config: dict,
-           dataset: dict) -> None:
+  def save(self, step: int, *, state, controller_state: dict, data_position: dict,
+           config: dict, dataset: dict) -> None:
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         controller=ocp.args.JsonSave(controller_state),
+        data_position=ocp.args.JsonSave(data_position),
         config=ocp.args.JsonSave(config),
         dataset=ocp.args.JsonSave(dataset)))
 
   def restore(self, abstract_state, step: int | None = None
               ) -> tuple[Any, dict, dict, int] | None:
-    """A checkpoint (the latest by default) as ``(state, controller_state, config,
-    step)``, or None when there is none."""
+    """A checkpoint (the latest by default) as ``(state, controller_state,
+    data_position, step)``, or None when there is none."""
     step = self.manager.latest_step() if step is None else step
     if step is None:
       return None
     restored = self._restore(step, state=ocp.args.StandardRestore(abstract_state),
                              controller=ocp.args.JsonRestore(),
-                             config=ocp.args.JsonRestore())
+                             data_position=ocp.args.JsonRestore())
     state = restored["state"]
     restored_shapes = jax.tree.map(lambda x: (x.shape, x.dtype), state)
     expected = jax.tree.map(lambda x: (x.shape, x.dtype), abstract_state)
     if restored_shapes != expected:
       raise CheckpointError(f"the checkpoint at {self.directory}/{step} holds a different "
                             "model or optimizer than this config builds")
-    return state, restored["controller"], restored["config"], step
+    return state, restored["controller"], restored["data_position"], step
 
   def restore_description(self, step: int | None = None) -> tuple[dict, dict, int]:
     """``(config, dataset, step)`` of a checkpoint, without its arrays."""

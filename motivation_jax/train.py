@@ -13,6 +13,7 @@ gives their FLOPs for the summary.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import math
 import numbers
@@ -27,7 +28,7 @@ import numpy as np
 import optax
 import tqdm
 
-from motivation_jax import checkpoint, data, models, nesting, steps
+from motivation_jax import checkpoint, data, models, nesting, sharding, steps
 from motivation_jax.controller import Controller
 from motivation_jax.errors import ConfigError, MotivationError, TrainingError
 from motivation_jax.metrics import MetricWriter
@@ -54,6 +55,7 @@ _CHECKS = {
     "eval_every_epochs": (int, *_AT_LEAST_1), "checkpoint_every_epochs": (int, *_AT_LEAST_1),
     "seed": (int, "an integer >= 0", lambda v: v >= 0),
     "mock_data_examples": (int, "an integer >= 0", lambda v: v >= 0),
+    "data_threads": (int, "an integer >= 0", lambda v: v >= 0),
     "learning_rate": (float, "a finite number > 0", lambda v: v > 0),
     "momentum": (float, "a number in [0, 1)", lambda v: 0 <= v < 1),
     "weight_decay": (float, *_NON_NEGATIVE), "warmup_epochs": (float, *_NON_NEGATIVE),
@@ -71,6 +73,12 @@ def check_config(config) -> None:
           and math.isfinite(value) and holds(value))
     if not ok:
       raise ConfigError(f"config.{name} must be {rule}, got {value!r}")
+  if not isinstance(config.get("augment"), bool):
+    raise ConfigError(f"config.augment must be True or False, got {config.get('augment')!r}")
+  image_size = config.get("image_size", "missing")
+  if image_size is not None and not (isinstance(image_size, int) and image_size >= 8):
+    raise ConfigError(f"config.image_size must be unset (None) or an integer >= 8, "
+                      f"got {image_size!r}")
   for key in ("name", "base", "motivated", "batch_norm_stats", "extension_init"):
     if key not in config.model:
       raise ConfigError(f"config.model.{key} is missing (configs/default.py lists every key)")
@@ -99,9 +107,11 @@ def build(config, dataset: data.Dataset):
   return model, wmap, controller
 
 
-def evaluate(eval_steps, state, dataset: data.Dataset, batch_size: int) -> dict[str, float]:
+def evaluate(eval_steps, state, eval_data: data.EvalBatches, put, threads: int
+             ) -> dict[str, float]:
+  """Test accuracy and loss of each sub-network, every test example counted once."""
   sums = {k: collections.Counter() for k in eval_steps}
-  for batch in data.eval_batches(dataset.test, batch_size, mean=dataset.mean, std=dataset.std):
+  for batch in data.prefetch_to_device(eval_data.iterator(threads=threads), put):
     for subnet, fn in eval_steps.items():
       sums[subnet].update(jax.device_get(fn(state.variables(subnet), batch)))
   out = {}
@@ -117,17 +127,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
   dataset = data.get_dataset(config.dataset, config.data_dir,
-                             mock_examples=config.mock_data_examples)
+                             mock_examples=config.mock_data_examples,
+                             image_size=config.image_size)
   model, wmap, controller = build(config, dataset)
   if config.batch_size > len(dataset.train):
     raise ConfigError(f"config.batch_size={config.batch_size} exceeds the {len(dataset.train)} "
                       f"training examples of {dataset.name}")
-  train_data = data.TrainBatches(dataset.train, config.batch_size, seed=config.seed,
-                                 mean=dataset.mean, std=dataset.std)
+  # Data parallel over every device: state replicated, batches split; each
+  # process reads the rows of each batch that its devices hold.
+  mesh = sharding.data_mesh()
+  for name in ("batch_size", "eval_batch_size"):
+    sharding.check_batch_size(name, config[name], mesh)
+  batch_sharding, state_sharding = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  put = functools.partial(sharding.global_batch, sharding=batch_sharding)
+  train_data = data.TrainBatches(
+      dataset, config.batch_size, seed=config.seed, augment=config.augment,
+      rows=sharding.process_rows(batch_sharding, config.batch_size))
+  eval_data = data.EvalBatches(
+      dataset, config.eval_batch_size,
+      rows=sharding.process_rows(batch_sharding, config.eval_batch_size))
   total_steps = config.num_epochs * train_data.steps_per_epoch
   optimizer = make_optimizer(config, total_steps, train_data.steps_per_epoch)
   train_steps = steps.make_train_steps(model, optimizer, wmap=wmap,
-                                       policy=config.motivation.policy)
+                                       policy=config.motivation.policy,
+                                       state_sharding=state_sharding,
+                                       batch_sharding=batch_sharding)
   eval_steps = steps.make_eval_steps(model)
 
   rng = jax.random.key(config.seed)
@@ -135,28 +159,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = steps.create_train_state(model, optimizer, rng, sample,
                                    stats=config.model.batch_norm_stats,
                                    extension_init=config.model.extension_init)
+  state = jax.device_put(state, state_sharding)
 
   # Resume: state, then controller (checks the motivation config), then the
-  # data position, which is state.step.
+  # data position (checks that the batches would be the same).
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  restored = ckpt.restore(jax.eval_shape(lambda: state))
+  restored = ckpt.restore(jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=state_sharding), state))
+  first_step = 0
   if restored is not None:
-    state, controller_state, _, _ = restored
+    state, controller_state, position, _ = restored
     try:
       controller.load_state_dict(controller_state)
+      first_step = train_data.check_position(position)
     except ValueError as e:
       raise ConfigError(f"cannot resume from {ckpt.directory}: {e}") from e
-  first_step = int(state.step)
-  if first_step != controller.step:
-    raise TrainingError(f"checkpoint inconsistent: state at batch {first_step}, controller at "
-                        f"batch {controller.step}")
+  if not int(state.step) == first_step == controller.step:
+    raise TrainingError(f"checkpoint inconsistent: state at batch {int(state.step)}, data at "
+                        f"batch {first_step}, controller at batch {controller.step}")
 
   # Compile both step kinds up front (also gives their FLOPs).
-  batch_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), train_data[0])
+  batch_spec = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((config.batch_size, *x.shape[1:]), x.dtype,
+                                     sharding=batch_sharding), train_data[0])
   compiled = {kind: fn.lower(state, batch_spec).compile() for kind, fn in train_steps.items()}
   flops = {kind: steps.compiled_flops(c) for kind, c in compiled.items()}
 
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  # Every process takes the same decisions; process 0 writes the files.
+  chief = jax.process_index() == 0
+  writer = MetricWriter(workdir, enabled=chief)
   decisions_path = os.path.join(workdir, "decisions.jsonl")
   lag = controller.config["decision_lag"]
   in_flight: collections.deque = collections.deque()
@@ -178,26 +209,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       interval[f"{kind}/{name}"].append(float(value))
 
   def flush_decisions():
-    with open(decisions_path, "a") as f:
-      for d in controller.drain_decisions():
-        f.write(json.dumps(d.to_dict()) + "\n")
+    decisions = controller.drain_decisions()
+    if chief:
+      with open(decisions_path, "a") as f:
+        for d in decisions:
+          f.write(json.dumps(d.to_dict()) + "\n")
 
   def save(step):
     while in_flight:  # the controller state must hold every loss
       observe_oldest()
     flush_decisions()
     ckpt.save(step, state=state, controller_state=controller.state_dict(),
-              config=json.loads(config.to_json()), dataset=dataset.description())
+              data_position=train_data.position(step), config=json.loads(config.to_json()),
+              dataset=dataset.description())
 
   bar = tqdm.tqdm(total=total_steps, initial=first_step, disable=not config.progress_bar,
                   unit="batch", dynamic_ncols=True)
-  batch = jax.device_put(train_data[first_step]) if first_step < total_steps else None
-  for t in range(first_step, total_steps):
+  # grain's threads prepare host batches ahead; the next batches are copied to
+  # the devices while the current step runs.
+  batches = data.prefetch_to_device(
+      train_data.iterator(first_step, total_steps, threads=config.data_threads), put)
+  for t, batch in zip(range(first_step, total_steps), batches):
     kind = controller.next_kind()
     state, metrics = compiled[kind](state, batch)
     in_flight.append((t, kind, metrics))
-    if t + 1 < total_steps:  # prepare the next batch while the device works
-      batch = jax.device_put(train_data[t + 1])
     while len(in_flight) > lag:
       observe_oldest()
     bar.update(1)
@@ -212,14 +247,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     epoch_end = step % train_data.steps_per_epoch == 0
     epoch = step // train_data.steps_per_epoch
     if epoch_end and (epoch % config.eval_every_epochs == 0 or step == total_steps):
-      eval_metrics = evaluate(eval_steps, state, dataset, config.eval_batch_size)
+      eval_metrics = evaluate(eval_steps, state, eval_data, put, config.data_threads)
       writer.write(step, {**eval_metrics, "epoch": epoch})
       bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
     if (epoch_end and epoch % config.checkpoint_every_epochs == 0) or step == total_steps:
       save(step)
   bar.close()
   if first_step == total_steps or not eval_metrics:
-    eval_metrics = evaluate(eval_steps, state, dataset, config.eval_batch_size)
+    eval_metrics = evaluate(eval_steps, state, eval_data, put, config.data_threads)
   ckpt.close()
   writer.close()
 
@@ -242,8 +277,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "wall_time_s": time.time() - start_time,
       "resumed_from_step": first_step,
   }
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  if chief:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
   return summary
 
 

@@ -1,13 +1,34 @@
-"""Host-side batching: deterministic shuffled training batches, padded eval batches.
+"""Host-side input pipelines: shuffled training batches, padded exact evaluation.
 
-All per-example work happens here in numpy; the device only sees whole batches.
+Every batch is a pure function of its index: training batch ``t`` of the global
+batch is fixed by ``(seed, t)`` (epoch ``t // steps_per_epoch`` has its own
+permutation, augmentation is drawn from ``(seed, t)``), so
+
+- the data position in a checkpoint is one integer, the next batch index, and a
+  resumed run sees exactly the batches of an uninterrupted one;
+- each process reads only its own share (a contiguous slice of the global batch,
+  augmented with the global batch's random draws), and the global batch is the
+  same whatever the number of processes.
+
+Per-example work (reading, decoding, augmentation, normalisation) is numpy on
+the host; grain's threads prepare batches ahead of the train loop, and
+``prefetch_to_device`` keeps the next batches on the device already.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+import collections
+import functools
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+
+from motivation_jax.data import augment
+from motivation_jax.data.sources import Dataset
+from motivation_jax.errors import DataError
+
+PREPROCESSING = ("plain", "cifar", "imagenet")
+CIFAR_PAD = 4
 
 
 def normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -15,59 +36,193 @@ def normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
           / np.maximum(np.asarray(std, np.float32), 1e-6))
 
 
+def _rows(rows: slice | None, global_batch_size: int) -> slice:
+  """This process's rows of the global batch (all of them by default)."""
+  if rows is None:
+    return slice(0, global_batch_size)
+  start, stop, step = rows.indices(global_batch_size)
+  if step != 1 or start >= stop or (rows.stop or 0) > global_batch_size:
+    raise ValueError(f"rows {rows} are not a contiguous part of a batch of {global_batch_size}")
+  return slice(start, stop)
+
+
 class TrainBatches:
   """Shuffled, drop-remainder training batches addressed by the global batch index.
 
-  Batch ``t`` is a pure function of ``(seed, t)``: epoch ``t // steps_per_epoch``
-  uses its own permutation of the training set. The data position saved in a
-  checkpoint is therefore just the batch index, and a resumed run sees exactly
-  the batches an uninterrupted run would.
+  ``batches[t]`` is this process's share of global batch ``t`` (its ``rows``,
+  ``sharding.process_rows``): a dict of ``image`` (float32, normalised) and
+  ``label`` (int32). Thread-safe: grain's threads call it for several ``t`` at once.
   """
 
-  def __init__(self, source, batch_size: int, *, seed: int, mean, std):
-    if batch_size < 1 or batch_size > len(source):
-      raise ValueError(f"batch_size must be in [1, {len(source)}] for this training set, "
-                       f"got {batch_size}")
-    self.source, self.batch_size, self.seed = source, batch_size, seed
-    self.mean, self.std = mean, std
-    self.steps_per_epoch = len(source) // batch_size
-    self._epoch, self._order = -1, None
+  def __init__(self, dataset: Dataset, global_batch_size: int, *, seed: int,
+               augment: bool = True, rows: slice | None = None):
+    n = len(dataset.train)
+    if not 1 <= global_batch_size <= n:
+      raise DataError(f"the batch size must be in [1, {n}] for the {n} training examples "
+                      f"of {dataset.name}, got {global_batch_size}")
+    self.rows = _rows(rows, global_batch_size)
+    self.dataset, self.global_batch_size, self.seed = dataset, global_batch_size, seed
+    self.augment = augment and dataset.preprocessing != "plain"
+    self.steps_per_epoch = n // global_batch_size
+    # Batches come in order, so the last two epochs' orders are all that is needed.
+    self._order = functools.lru_cache(maxsize=2)(self._permutation)
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset.train))
+
+  def global_indices(self, step: int) -> np.ndarray:
+    """The training examples of global batch ``step`` (sorted: reads in file order)."""
+    epoch, within = divmod(step, self.steps_per_epoch)
+    size = self.global_batch_size
+    return np.sort(self._order(epoch)[within * size:(within + 1) * size])
 
   def __getitem__(self, step: int) -> dict[str, np.ndarray]:
-    epoch, within = divmod(step, self.steps_per_epoch)
-    if epoch != self._epoch:
-      self._epoch = epoch
-      self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
-    indices = np.sort(self._order[within * self.batch_size:(within + 1) * self.batch_size])
-    examples = self.source[indices]
-    return {"image": normalise(examples["image"], self.mean, self.std),
-            "label": np.asarray(examples["label"], np.int32)}
+    if step < 0:
+      raise IndexError(step)
+    images, labels = self.dataset.train.read(self.global_indices(step)[self.rows])
+    if self.augment:
+      # Drawn for the whole global batch, then sliced: the same global batch for
+      # any number of processes. A different entropy than the epoch's order.
+      rng = np.random.default_rng([self.seed, step, 1])
+      images = _augment_train(images, self.dataset, rng, self.rows, self.global_batch_size)
+    elif self.dataset.preprocessing == "imagenet":
+      images = np.stack([augment.centre_crop(x, self.dataset.image_shape[0]) for x in images])
+    return {"image": normalise(images, self.dataset.mean, self.dataset.std),
+            "label": labels}
 
-  def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    step = start_step
-    while True:
-      yield self[step]
-      step += 1
+  def position(self, next_batch: int) -> dict[str, Any]:
+    """The data position to checkpoint: the next batch, and what fixes the batches."""
+    return {"next_batch": int(next_batch), "seed": self.seed,
+            "global_batch_size": self.global_batch_size,
+            "train_examples": len(self.dataset.train), "dataset": self.dataset.name,
+            "augment": self.augment}
+
+  def check_position(self, position: dict[str, Any]) -> int:
+    """The next batch of a checkpointed position; refuses one from other batches."""
+    mine = self.position(position.get("next_batch", 0))
+    changed = [f"{k} {position.get(k)!r} -> {v!r}" for k, v in mine.items()
+               if position.get(k) != v]
+    if changed:
+      raise DataError("the checkpoint's data position was written for other batches ("
+                      + "; ".join(changed) + "); a resumed run would not see the batches of "
+                      "an uninterrupted one, so start a new --workdir or restore those settings")
+    return mine["next_batch"]
+
+  def iterator(self, start: int, stop: int, *, threads: int = 2,
+               buffer: int = 4) -> "BatchIterator":
+    return BatchIterator(self.__getitem__, start, stop, threads=threads, buffer=buffer)
+
+
+def _augment_train(images, dataset: Dataset, rng: np.random.Generator, share: slice,
+                   global_batch_size: int) -> np.ndarray:
+  if dataset.preprocessing == "cifar":
+    params = augment.draw_crop_flip(rng, global_batch_size, CIFAR_PAD)
+    return augment.crop_flip(images, params["offsets"][share], params["flips"][share],
+                             CIFAR_PAD)
+  if dataset.preprocessing == "imagenet":
+    # Crops depend on each image's size: one generator per example, keyed by its
+    # position in the global batch.
+    seeds = rng.integers(0, 2 ** 63, size=global_batch_size)[share]
+    size = dataset.image_shape[0]
+    return np.stack([augment.inception_crop_flip(x, np.random.default_rng(s), size)
+                     for x, s in zip(images, seeds)])
+  raise ValueError(f"unknown preprocessing {dataset.preprocessing!r}; "
+                   f"known: {', '.join(PREPROCESSING)}")
+
+
+class BatchIterator:
+  """Batches ``fn(start) ... fn(stop - 1)``, made by grain threads ahead of use.
+
+  ``next_batch`` is the index of the batch ``next()`` returns next: the
+  iterator's position, whatever grain has prepared beyond it.
+  """
+
+  def __init__(self, fn: Callable[[int], Any], start: int, stop: int, *, threads: int,
+               buffer: int):
+    self.start, self.stop = start, stop
+    self._taken = 0
+    if threads == 0:  # in this thread, one batch at a time (for debugging)
+      self._iterator = map(fn, range(start, stop))
+      return
+    import grain  # heavy import, only here
+
+    dataset = grain.MapDataset.range(start, stop).map(fn).to_iter_dataset(
+        grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(buffer, 1)))
+    self._iterator = iter(dataset)
+
+  @property
+  def next_batch(self) -> int:
+    return self.start + self._taken
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._iterator)
+    self._taken += 1
+    return batch
 
 
 def num_eval_batches(source, batch_size: int) -> int:
   return -(-len(source) // batch_size)
 
 
-def eval_batches(source, batch_size: int, *, mean, std) -> Iterator[dict[str, np.ndarray]]:
-  """Every example exactly once; the last batch is padded and masked.
+class EvalBatches:
+  """Every test example exactly once; the last global batch is padded and masked.
 
-  All batches have the same shape (one compiled eval program); ``mask`` is 1
-  for real examples and 0 for padding.
+  ``batches[b]`` is this process's share of global batch ``b``: ``image``,
+  ``label`` and ``mask`` (1 for real examples, 0 for padding). All batches have
+  one shape, so there is one compiled eval program.
   """
-  n = len(source)
-  for start in range(0, n, batch_size):
-    indices = np.arange(start, min(start + batch_size, n))
-    examples = source[indices]
-    pad = batch_size - len(indices)
-    image = normalise(examples["image"], mean, std)
-    yield {"image": np.concatenate([image, np.zeros((pad, *image.shape[1:]), np.float32)]),
-           "label": np.concatenate([np.asarray(examples["label"], np.int32),
-                                    np.zeros((pad,), np.int32)]),
-           "mask": np.concatenate([np.ones(len(indices), np.float32),
-                                   np.zeros(pad, np.float32)])}
+
+  def __init__(self, dataset: Dataset, global_batch_size: int, *, rows: slice | None = None):
+    if global_batch_size < 1:
+      raise DataError(f"the evaluation batch size must be >= 1, got {global_batch_size}")
+    self.rows = _rows(rows, global_batch_size)
+    self.dataset, self.global_batch_size = dataset, global_batch_size
+    self.num_batches = num_eval_batches(dataset.test, global_batch_size)
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+  def __getitem__(self, b: int) -> dict[str, np.ndarray]:
+    if not 0 <= b < self.num_batches:
+      raise IndexError(b)
+    lo = b * self.global_batch_size + self.rows.start
+    hi = min(b * self.global_batch_size + self.rows.stop, len(self.dataset.test))
+    indices = np.arange(lo, max(lo, hi))
+    shape = self.dataset.image_shape
+    if len(indices):
+      images, labels = self.dataset.test.read(indices)
+      if self.dataset.preprocessing == "imagenet":
+        images = np.stack([augment.centre_crop(x, shape[0]) for x in images])
+      images = normalise(images, self.dataset.mean, self.dataset.std)
+    else:  # this process's share is all padding
+      images, labels = np.zeros((0, *shape), np.float32), np.zeros((0,), np.int32)
+    pad = self.rows.stop - self.rows.start - len(indices)
+    return {"image": np.concatenate([images, np.zeros((pad, *shape), np.float32)]),
+            "label": np.concatenate([labels, np.zeros((pad,), np.int32)]),
+            "mask": np.concatenate([np.ones(len(indices), np.float32),
+                                    np.zeros(pad, np.float32)])}
+
+  def iterator(self, *, threads: int = 2, buffer: int = 4) -> BatchIterator:
+    return BatchIterator(self.__getitem__, 0, self.num_batches, threads=threads, buffer=buffer)
+
+
+def eval_batches(dataset: Dataset, batch_size: int, **kwargs) -> Iterator[dict[str, np.ndarray]]:
+  """This process's share of every evaluation batch, in order."""
+  batches = EvalBatches(dataset, batch_size, **kwargs)
+  return (batches[b] for b in range(len(batches)))
+
+
+def prefetch_to_device(iterator: Iterator, put: Callable[[Any], Any], size: int = 2
+                       ) -> Iterator:
+  """Yields ``put(batch)`` for each batch, ``size`` batches ahead: the copies of
+  the next batches run while the device computes on this one."""
+  queue: collections.deque = collections.deque()
+  for batch in iterator:
+    queue.append(put(batch))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
