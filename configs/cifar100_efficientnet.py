@@ -12,9 +12,9 @@ Command (needs CIFAR-100 prepared for TFDS, see README "Data"):
   python -m motivation_jax.main --config=configs/cifar100_efficientnet.py \
       --workdir=workdirs/cifar100_efficientnet --config.data_dir=$HOME/tensorflow_datasets
 
-Meant for one GPU or a TPU VM. Expected result: not measured yet (no CIFAR-100
-and no accelerator where this was written; no augmentation in the input
-pipeline yet).
+Training augmentation: pad by 4, random 32x32 crop, random flip. Meant for
+one GPU or a TPU VM. Expected result: not measured yet (no CIFAR-100 and no
+accelerator where this was written).
 
 Smoke variant, tiny and on TFDS mock data (seconds, any machine):
 
@@ -41,10 +41,9 @@ def get_config(arg: str | None = None):
   config.eval_every_epochs = 5
   config.checkpoint_every_epochs = 5
   config.log_every_steps = 100
-  if arg == "smoke":
-    config_lib.make_smoke(config)
+
+  def smoke(config):
     config.model.base = {"arch": "b0", "width": 0.25}
     config.model.motivated = {"arch": "b1", "width": 0.25}
-  elif arg is not None:
-    raise ValueError(f"unknown variant {arg!r}; known: smoke")
-  return config
+
+  return config_lib.variant(config, arg, smoke=smoke)

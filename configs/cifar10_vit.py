@@ -11,9 +11,10 @@ Command (needs CIFAR-10 prepared for TFDS, see README "Data"):
   python -m motivation_jax.main --config=configs/cifar10_vit.py \
       --workdir=workdirs/cifar10_vit --config.data_dir=$HOME/tensorflow_datasets
 
-Meant for one GPU or a TPU VM. Expected result: not measured yet (no CIFAR-10
-and no accelerator where this was written); ViTs trained from scratch on
-CIFAR-10 need strong augmentation, which the input pipeline does not have yet.
+Training augmentation: pad by 4, random crop, random flip. Meant for one GPU
+or a TPU VM. Expected result: not measured yet (no CIFAR-10 and no
+accelerator where this was written); ViTs trained from scratch on CIFAR-10
+usually need stronger augmentation (RandAugment, mixup) than this pipeline has.
 
 Smoke variant, tiny and on TFDS mock data (seconds, any machine):
 
@@ -42,11 +43,10 @@ def get_config(arg: str | None = None):
   config.eval_every_epochs = 5
   config.checkpoint_every_epochs = 5
   config.log_every_steps = 100
-  if arg == "smoke":
-    config_lib.make_smoke(config)
+
+  def smoke(config):
     config.model.head_dim = 8
     config.model.base = {"arch": "ti", "depth": 1, "width": 1 / 3}
     config.model.motivated = {"arch": "ti", "depth": 2, "width": 2 / 3}
-  elif arg is not None:
-    raise ValueError(f"unknown variant {arg!r}; known: smoke")
-  return config
+
+  return config_lib.variant(config, arg, smoke=smoke)

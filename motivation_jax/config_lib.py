@@ -37,3 +37,17 @@ def make_smoke(config: ml_collections.ConfigDict, *, examples: int = 64) -> None
   # Both compiled steps run in a few batches, whatever the losses do.
   config.motivation.condition = "every_n"
   config.motivation.every_n.n = 2
+
+
+def variant(config: ml_collections.ConfigDict, arg: str | None, *,
+            smoke=None) -> ml_collections.ConfigDict:
+  """``config`` turned into the variant ``arg`` names: ``None`` leaves it as it is;
+  ``"smoke"`` applies ``make_smoke``, then ``smoke(config)`` (a config's own
+  shrinking, e.g. narrower models). Any other name is refused."""
+  if arg == "smoke":
+    make_smoke(config)
+    if smoke is not None:
+      smoke(config)
+  elif arg is not None:
+    raise ValueError(f"unknown config variant {arg!r}; known: smoke")
+  return config

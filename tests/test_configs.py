@@ -15,7 +15,9 @@ from conftest import ROOT, fast_compiles
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
 FAMILY_CONFIGS = [c for c in CONFIGS if c != "default.py"]
 # The data sets' image shapes and classes, for building the full-size models abstractly.
-SHAPES = {"digits": ((8, 8, 1), 10), "cifar10": ((32, 32, 3), 10), "cifar100": ((32, 32, 3), 100)}
+SHAPES = {"digits": ((8, 8, 1), 10), "fashion_mnist": ((28, 28, 1), 10),
+          "cifar10": ((32, 32, 3), 10), "cifar100": ((32, 32, 3), 100),
+          "imagenet2012": ((224, 224, 3), 1000)}
 
 
 def _load(name, arg=None):
@@ -25,6 +27,13 @@ def _load(name, arg=None):
 def test_the_families_of_the_issue_have_configs():
   families = {_load(name).model.name for name in FAMILY_CONFIGS}
   assert {"resnet", "efficientnet", "vit"} <= families, families
+
+
+def test_the_data_sets_of_the_data_issue_have_configs():
+  assert {"cifar10_resnet.py", "cifar100_efficientnet.py", "imagenet_resnet.py",
+          "imagenet_vit.py", "fashion_mnist_cnn.py"} <= set(CONFIGS)
+  assert {_load(name).dataset for name in FAMILY_CONFIGS} >= {
+      "cifar10", "cifar100", "imagenet2012", "fashion_mnist"}
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -59,5 +68,5 @@ def test_the_smoke_variant_trains_both_models_on_mock_data_and_exports(name, tmp
 
 @pytest.mark.parametrize("name", FAMILY_CONFIGS)
 def test_an_unknown_variant_is_refused(name):
-  with pytest.raises(ValueError, match="unknown variant 'large'; known: smoke"):
+  with pytest.raises(ValueError, match="unknown config variant 'large'; known: smoke"):
     _load(name, "large")
