@@ -275,6 +275,45 @@ def test_a_missing_data_set_fails_at_once_saying_how_to_get_it(name, how, tmp_pa
   assert not (tmp_path / "empty").exists() or not any((tmp_path / "empty").rglob("*.array*"))
 
 
+def _png(image: np.ndarray) -> bytes:
+  import io
+  from PIL import Image
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def test_a_prepared_tfds_directory_is_read_and_its_pngs_decoded(tmp_path):
+  """The real read path (mock data skips decoding): TFDS's own CIFAR-10 builder
+  writes array_record files of PNGs offline, from images made here."""
+  from tensorflow_datasets.image_classification import cifar
+
+  rng = np.random.default_rng(0)
+  written = {f"{split}_{i}": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+             for split, n in (("train", 40), ("test", 12)) for i in range(n)}
+
+  class LocalCifar10(cifar.Cifar10, skip_registration=True):
+    name = "cifar10"
+
+    def _split_generators(self, dl_manager):
+      return {split: self._generate_examples(split) for split in ("train", "test")}
+
+    def _generate_examples(self, split):
+      for key, image in written.items():
+        if key.startswith(split):
+          yield key, {"id": key, "image": _png(image), "label": int(key.split("_")[1]) % 10}
+
+  LocalCifar10(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  cifar10 = data.get_dataset("cifar10", str(tmp_path))
+  assert (cifar10.name, len(cifar10.train), len(cifar10.test)) == ("cifar10", 40, 12)
+  images, labels = cifar10.train.read(np.arange(40))
+  ids = [cifar10.train[i]["id"].decode() for i in range(40)]
+  np.testing.assert_array_equal(images, np.stack([written[k] for k in ids]))
+  np.testing.assert_array_equal(labels, [int(k.split("_")[1]) % 10 for k in ids])
+  batch = data.TrainBatches(cifar10, 16, seed=0)[0]  # augmented, normalised
+  assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.float32
+
+
 def test_an_unknown_data_set_fails_at_once_naming_it():
   with pytest.raises(DataError, match="unknown data set 'cifar11'; available here: cifar10, "
                      "cifar100, digits, fashion_mnist, imagenet2012, mnist"):
