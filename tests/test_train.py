@@ -118,6 +118,14 @@ def test_resuming_with_another_motivation_config_is_refused(tmp_path):
                              str(tmp_path))
 
 
+def test_resuming_with_other_batches_is_refused_in_one_line(tmp_path):
+  train.train_and_evaluate(small_config(num_epochs=1), str(tmp_path))
+  with pytest.raises(DataError, match=r"data position was written for other batches "
+                     r"\(global_batch_size 64 -> 32\)") as e:
+    train.train_and_evaluate(small_config(num_epochs=1, batch_size=32), str(tmp_path))
+  assert "\n" not in str(e.value)
+
+
 def test_a_nan_loss_stops_training_with_one_line(tmp_path):
   # A learning rate this large sends the parameters to inf within two steps.
   with pytest.raises(TrainingError, match=r"the training loss is nan at batch \d+ "
@@ -157,6 +165,14 @@ def test_a_nan_loss_after_a_checkpoint_names_it_and_keeps_it(tmp_path):
     ({"model.name": "vit", "model.base": {"arch": "ti"}, "model.motivated": {"arch": "s"},
       "model.patch": 4}, ConfigError, "'patch' is not an option of the vit family"),
     ({"mock_data_examples": 8}, DataError, "mock data stands in for TFDS data sets"),
+    # conftest gives this process 4 devices; the batch is split over them.
+    ({"batch_size": 30}, ConfigError, r"config.batch_size=30 does not divide among the 4 "
+     "devices"),
+    ({"eval_batch_size": 6}, ConfigError, "config.eval_batch_size=6 does not divide"),
+    ({"data_threads": -1}, ConfigError, "config.data_threads must be an integer >= 0"),
+    ({"image_size": 4}, ConfigError, "config.image_size must be unset"),
+    ({"image_size": 64}, DataError, "image_size=64 applies only to ImageNet"),
+    ({"dataset": "imagenet"}, DataError, "unknown data set 'imagenet'"),
 ])
 def test_bad_config_values_fail_in_one_line(tmp_path, overrides, error, message):
   with pytest.raises(error, match=message) as e:

@@ -100,14 +100,14 @@ def _moments(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
   return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
-def load_digits(data_dir: str | None = None, **unused) -> Dataset:
+def load_digits(data_dir: str | None = None, *, image_size: int | None = None) -> Dataset:
   """scikit-learn's bundled digits: 1,797 8x8 images, no download.
 
   The values 0..16 are scaled to 0..255 (uint8, 8x8x1). There is no official
   split: a fixed permutation (seed 0) puts 360 images in ``test`` and 1,437 in
   ``train``, the same on every machine.
   """
-  del data_dir, unused  # bundled with scikit-learn
+  del data_dir, image_size  # bundled with scikit-learn; 8x8 only
   from sklearn.datasets import load_digits as sklearn_digits  # heavy import, only here
   digits = sklearn_digits()
   images = np.clip(digits.images * 16, 0, 255).astype(np.uint8)[..., None]
@@ -235,9 +235,6 @@ def _image_shape(name: str, spec: TfdsSpec, image_size: int | None) -> tuple[int
     if size < 8:
       raise DataError(f"config.image_size={size} is too small for {name} (at least 8)")
     return (size, size, 3)
-  if image_size and image_size != spec.image_shape[0]:
-    raise DataError(f"{name}'s images are {spec.image_shape[0]}x{spec.image_shape[1]}; "
-                    f"config.image_size={image_size} applies only to ImageNet (leave it unset)")
   return spec.image_shape
 
 
@@ -252,7 +249,6 @@ def load_idx_or_tfds(name: str, data_dir: str | None = None, *,
   directory = _idx_directory(candidates)
   if directory is None:
     return load_tfds(name, data_dir, image_size=image_size)
-  _image_shape(name, spec, image_size)
   mean, std = STATS[name]
   return Dataset(name, _load_idx_split(directory, "train"), _load_idx_split(directory, "test"),
                  spec.num_classes, mean, std, spec.image_shape, spec.preprocessing)
@@ -277,6 +273,9 @@ def get_dataset(name: str, data_dir: str | None = None, *, mock_examples: int = 
   """
   if name not in DATASETS:
     raise DataError(f"unknown data set {name!r}; available here: {', '.join(sorted(DATASETS))}")
+  if image_size and name != "imagenet2012":
+    raise DataError(f"config.image_size={image_size} applies only to ImageNet, whose images "
+                    f"vary in size; {name}'s have one size (leave it unset)")
   if not mock_examples:
     return DATASETS[name](data_dir, image_size=image_size)
   if name not in TFDS_DATASETS:
