@@ -1,0 +1,178 @@
+r"""Data headroom: images/s of each config's input pipeline against what its train
+steps consume, measured one after the other in one process on this machine.
+
+  python benchmarks/data_throughput.py --out benchmarks/results/data_throughput_cpu
+
+- *pipeline*: host batches from ``TrainBatches.iterator`` at the config's batch
+  size and ``data_threads`` (reading, augmentation, normalisation), after two
+  warm-up batches;
+- *base step*, *motivated step*: the compiled train steps of the config's
+  nested model on one device, on one batch already on the device, after a
+  warm-up step;
+- *headroom*: pipeline images/s over the base step's (the faster consumer).
+
+Data sets that are not on this machine are replaced by TFDS mock data of
+``--mock-examples`` examples per split (random images of the right shape,
+generated on read instead of decoded); ``png_decode_us`` gives what decoding a
+real PNG of that shape costs here, for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from motivation_jax import config_lib, data, steps, train
+from motivation_jax.errors import DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ("fashion_mnist_cnn", "cifar10_resnet", "cifar100_efficientnet", "cifar10_vit")
+
+
+def load_dataset(config, mock_examples: int):
+  """The config's data set, or mock data where it is not on this machine."""
+  if not config.mock_data_examples:
+    try:
+      return data.get_dataset(config.dataset, config.data_dir, image_size=config.image_size)
+    except DataError:
+      pass
+  return data.get_dataset(config.dataset, mock_examples=config.mock_data_examples or mock_examples,
+                          image_size=config.image_size)
+
+
+def pipeline_rate(train_data: data.TrainBatches, batches: int, threads: int) -> float:
+  iterator = train_data.iterator(0, batches + 2, threads=threads)
+  next(iterator), next(iterator)  # warm-up: threads started, first epoch's order drawn
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(iterator)
+  return batches * train_data.global_batch_size / (time.perf_counter() - start)
+
+
+def step_rates(config, dataset, train_data: data.TrainBatches, repeats: int) -> dict[str, float]:
+  model, wmap, _ = train.build(config, dataset)
+  optimizer = train.make_optimizer(config, 1000, train_data.steps_per_epoch)
+  fns = steps.make_train_steps(model, optimizer, wmap=wmap, policy=config.motivation.policy)
+  sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
+  state = steps.create_train_state(model, optimizer, jax.random.key(0), sample,
+                                   stats=config.model.batch_norm_stats)
+  batch = jax.device_put(train_data[0])
+  rates = {}
+  for kind, fn in fns.items():
+    compiled = fn.lower(state, batch).compile()
+    state, metrics = compiled(state, batch)  # warm-up
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(repeats):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    rates[kind] = repeats * train_data.global_batch_size / (time.perf_counter() - start)
+  return rates
+
+
+def png_decode_us(shape, samples: int = 500) -> float:
+  """Microseconds to decode one PNG of ``shape`` with PIL (TFDS's decoder here)."""
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, shape, dtype=np.uint8)
+  buffer = io.BytesIO()
+  Image.fromarray(image[..., 0] if shape[-1] == 1 else image).save(buffer, format="PNG")
+  encoded = buffer.getvalue()
+  start = time.perf_counter()
+  for _ in range(samples):
+    with Image.open(io.BytesIO(encoded)) as decoded:
+      np.asarray(decoded)
+  return (time.perf_counter() - start) / samples * 1e6
+
+
+def measure(name: str, *, variant: str | None, batches: int, repeats: int,
+            mock_examples: int) -> dict:
+  config = config_lib.load_config_file(os.path.join(ROOT, "configs", f"{name}.py"), variant)
+  dataset = load_dataset(config, mock_examples)
+  train_data = data.TrainBatches(dataset, config.batch_size, seed=0, augment=config.augment)
+  pipeline = pipeline_rate(train_data, batches, config.data_threads)
+  rates = step_rates(config, dataset, train_data, repeats)
+  return {"config": name + (f":{variant}" if variant else ""), "dataset": dataset.name,
+          "preprocessing": dataset.preprocessing if train_data.augment else "plain",
+          "batch_size": config.batch_size, "data_threads": config.data_threads,
+          "pipeline_images_per_s": pipeline,
+          "base_step_images_per_s": rates["base"],
+          "motivated_step_images_per_s": rates["motivated"],
+          "headroom": pipeline / rates["base"],
+          "png_decode_us": png_decode_us(dataset.image_shape)}
+
+
+def markdown(rows: list[dict], machine: str) -> str:
+  lines = [
+      "# Data headroom: input pipeline against the train steps",
+      "",
+      f"Measured by `benchmarks/data_throughput.py` on {machine}.",
+      "Images per second; headroom = pipeline / base step (the faster consumer).",
+      "",
+      "| config | data | batch | threads | pipeline | base step | motivated step | headroom "
+      "| PNG decode (µs/image) |",
+      "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for r in rows:
+    lines.append(
+        f"| {r['config']} | {r['dataset']} | {r['batch_size']} | {r['data_threads']} "
+        f"| {r['pipeline_images_per_s']:,.0f} | {r['base_step_images_per_s']:,.0f} "
+        f"| {r['motivated_step_images_per_s']:,.0f} | {r['headroom']:,.1f}x "
+        f"| {r['png_decode_us']:.0f} |")
+  lines += [
+      "",
+      "Pipeline: host batches at the config's batch size and `data_threads`, with its",
+      "augmentation and normalisation. Steps: the compiled train steps on one device, on a",
+      "batch already there. Where a data set is not on the machine (\"mock data\"), TFDS",
+      "mock data stands in: its images are generated on read instead of decoded; the last",
+      "column is what decoding one real PNG of that shape costs here, for comparison with",
+      "the pipeline's time per image. In a real run on a CPU the pipeline's threads and the",
+      "steps share the cores; on an accelerator they do not.",
+  ]
+  return "\n".join(lines) + "\n"
+
+
+def describe_machine() -> str:
+  devices = jax.devices()
+  return (f"{os.cpu_count()} CPU cores ({platform.machine()}), {len(devices)} "
+          f"{devices[0].platform.upper()} device(s), jax {jax.__version__}, "
+          f"{datetime.date.today().isoformat()}")
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--configs", default=",".join(CONFIGS))
+  parser.add_argument("--variant", default=None, help="e.g. smoke")
+  parser.add_argument("--batches", type=int, default=50, help="pipeline batches timed")
+  parser.add_argument("--repeats", type=int, default=5, help="train steps timed per kind")
+  parser.add_argument("--mock-examples", type=int, default=50_000)
+  parser.add_argument("--out", default=None, help="writes OUT.json and OUT.md")
+  args = parser.parse_args(argv)
+  rows = []
+  for name in args.configs.split(","):
+    rows.append(measure(name, variant=args.variant, batches=args.batches,
+                        repeats=args.repeats, mock_examples=args.mock_examples))
+    print(json.dumps(rows[-1]), flush=True)
+  machine = describe_machine()
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+      json.dump({"machine": machine, "rows": rows}, f, indent=2)
+    with open(args.out + ".md", "w") as f:
+      f.write(markdown(rows, machine))
+  print(markdown(rows, machine))
+  return rows
+
+
+if __name__ == "__main__":
+  main()
