@@ -15,8 +15,11 @@ Command:
   python -m motivation_jax.main --config=configs/fashion_mnist_cnn.py \
       --workdir=workdirs/fashion_mnist_cnn
 
-Meant for any machine; a 2-core CPU takes about RUNTIME. Expected result (seed 0, on
-the 2-core, 24 GiB CPU machine this project is developed on): RESULT.
+Meant for any machine. Expected result (seed 0, measured on the 2-core, 24 GiB
+CPU machine this project is developed on): test accuracy 0.9069 (base) and
+0.8863 (motivated), with 218 motivated batches of 4,680 (16.5% of the FLOPs of
+training the motivated model alone on every batch); 1,182 s with other jobs
+sharing the CPU (a first epoch alone took 104 s).
 
 Smoke variant, tiny and on TFDS mock data (seconds, any machine):
 

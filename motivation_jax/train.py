@@ -264,6 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       flops["base"] if config.motivation.policy == "both" else 0.0)
   summary = {
       "dataset": dataset.name,
+      "train_examples": len(dataset.train),
+      "test_examples": len(dataset.test),
       "base/test_accuracy": eval_metrics["base/test_accuracy"],
       "motivated/test_accuracy": eval_metrics["motivated/test_accuracy"],
       "base_steps": counts["base"],
@@ -297,6 +299,8 @@ def format_summary(summary: dict[str, Any]) -> str:
   ]
   width = max(len(r[0]) for r in rows)
   lines = [f"{a:<{width}}  {b:>14}  {c:>14}" for a, b, c in rows]
+  lines = [f"{summary['dataset']}: {summary['train_examples']:,} training and "
+           f"{summary['test_examples']:,} test examples"] + lines
   lines += [
       f"activations of the motivated model: {summary['activations']:,}",
       f"training FLOPs: {summary['training_flops']:.3e} = {ratio:.1%} of training the "

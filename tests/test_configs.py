@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from motivation_jax import config_lib, models, nesting, train
+from motivation_jax.data import sources
 from motivation_jax.export import export_run
 
 from conftest import ROOT, fast_compiles
@@ -70,3 +71,19 @@ def test_the_smoke_variant_trains_both_models_on_mock_data_and_exports(name, tmp
 def test_an_unknown_variant_is_refused(name):
   with pytest.raises(ValueError, match="unknown config variant 'large'; known: smoke"):
     _load(name, "large")
+
+
+@pytest.mark.skipif(not os.path.isdir(sources.DEBIAN_FASHION_MNIST),
+                    reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
+def test_fashion_mnist_cnn_trains_on_the_real_split_offline(tmp_path):
+  config = _load("fashion_mnist_cnn.py")
+  # The config as it is, but one epoch of narrower models in big batches (seconds).
+  config.num_epochs, config.batch_size, config.eval_batch_size = 1, 1000, 1000
+  config.model.base = {"widths": (4, 8), "depths": (1, 1)}
+  config.model.motivated = {"widths": (8, 16), "depths": (1, 2)}
+  config.progress_bar = False
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary["dataset"] == "fashion_mnist"
+  assert (summary["train_examples"], summary["test_examples"]) == (60_000, 10_000)
+  assert summary["base_steps"] + summary["motivated_steps"] == 60
+  assert summary["base/test_accuracy"] > 0.3  # 10 classes: chance is 0.1
