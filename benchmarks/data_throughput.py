@@ -14,17 +14,26 @@ steps consume, measured one after the other in one process on this machine.
 Data sets that are not on this machine are replaced by TFDS mock data of
 ``--mock-examples`` examples per split (random images of the right shape,
 generated on read instead of decoded); ``png_decode_us`` gives what decoding a
-real PNG of that shape costs here, for comparison.
+real PNG of that shape costs here, for comparison. ImageNet's mock images are
+10-50 px, which says nothing about decoding; ``--synthetic-imagenet N`` instead
+has TFDS's ImageNet builder write N synthetic JPEGs of 300-500 px a side (about
+70 KB each; ImageNet's average about 110 KB) to a temporary directory, and the
+ImageNet configs read those:
+
+  python benchmarks/data_throughput.py --configs imagenet_resnet,imagenet_vit \
+      --synthetic-imagenet 512 --batch-size 32 --out benchmarks/results/data_throughput_cpu_imagenet
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import io
 import json
 import os
 import platform
+import tempfile
 import time
 
 import jax
@@ -38,8 +47,48 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("fashion_mnist_cnn", "cifar10_resnet", "cifar100_efficientnet", "cifar10_vit")
 
 
-def load_dataset(config, mock_examples: int):
+def _synthetic_jpeg(rng: np.random.Generator) -> bytes:
+  """A photo-like JPEG: smooth colour fields plus sensor-like noise, 300-500 px a side."""
+  from PIL import Image
+
+  height, width = (int(v) for v in rng.integers(300, 501, size=2))
+  fields = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8))
+  smooth = np.asarray(fields.resize((width, height), Image.BICUBIC), np.float32)
+  pixels = np.clip(smooth + rng.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8)
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+  return buffer.getvalue()
+
+
+def write_synthetic_imagenet(directory: str, train_examples: int) -> None:
+  """An imagenet2012 TFDS directory (array_record) of synthetic JPEGs, offline."""
+  from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder as imagenet
+
+  class SyntheticImagenet(imagenet.Builder, skip_registration=True):
+    name = "imagenet2012"
+
+    @classmethod
+    def _get_pkg_dir_path(cls):  # ImageNet's own metadata (labels, citation)
+      return imagenet.Builder._get_pkg_dir_path()
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(0, train_examples),
+              "validation": self._generate_examples(1, max(train_examples // 4, 1))}
+
+    def _generate_examples(self, seed, n):
+      rng = np.random.default_rng(seed)
+      for i in range(n):
+        yield f"{seed}_{i}", {"file_name": f"{seed}_{i}.JPEG", "image": _synthetic_jpeg(rng),
+                              "label": i % 1000}
+
+  SyntheticImagenet(data_dir=directory, file_format="array_record").download_and_prepare()
+
+
+def load_dataset(config, mock_examples: int, synthetic_imagenet: str | None = None):
   """The config's data set, or mock data where it is not on this machine."""
+  if synthetic_imagenet and config.dataset == "imagenet2012":
+    dataset = data.get_dataset("imagenet2012", synthetic_imagenet, image_size=config.image_size)
+    return dataclasses.replace(dataset, name="imagenet2012 (synthetic JPEGs)")
   if not config.mock_data_examples:
     try:
       return data.get_dataset(config.dataset, config.data_dir, image_size=config.image_size)
@@ -96,9 +145,12 @@ def png_decode_us(shape, samples: int = 500) -> float:
 
 
 def measure(name: str, *, variant: str | None, batches: int, repeats: int,
-            mock_examples: int) -> dict:
+            mock_examples: int, batch_size: int | None = None,
+            synthetic_imagenet: str | None = None) -> dict:
   config = config_lib.load_config_file(os.path.join(ROOT, "configs", f"{name}.py"), variant)
-  dataset = load_dataset(config, mock_examples)
+  if batch_size:
+    config.batch_size = batch_size
+  dataset = load_dataset(config, mock_examples, synthetic_imagenet)
   train_data = data.TrainBatches(dataset, config.batch_size, seed=0, augment=config.augment)
   pipeline = pipeline_rate(train_data, batches, config.data_threads)
   rates = step_rates(config, dataset, train_data, repeats)
@@ -109,7 +161,8 @@ def measure(name: str, *, variant: str | None, batches: int, repeats: int,
           "base_step_images_per_s": rates["base"],
           "motivated_step_images_per_s": rates["motivated"],
           "headroom": pipeline / rates["base"],
-          "png_decode_us": png_decode_us(dataset.image_shape)}
+          "png_decode_us": png_decode_us(dataset.image_shape)
+                           if dataset.preprocessing != "imagenet" else None}
 
 
 def markdown(rows: list[dict], machine: str) -> str:
@@ -128,7 +181,7 @@ def markdown(rows: list[dict], machine: str) -> str:
         f"| {r['config']} | {r['dataset']} | {r['batch_size']} | {r['data_threads']} "
         f"| {r['pipeline_images_per_s']:,.0f} | {r['base_step_images_per_s']:,.0f} "
         f"| {r['motivated_step_images_per_s']:,.0f} | {r['headroom']:,.1f}x "
-        f"| {r['png_decode_us']:.0f} |")
+        f"| {'-' if r['png_decode_us'] is None else format(r['png_decode_us'], '.0f')} |")
   lines += [
       "",
       "Pipeline: host batches at the config's batch size and `data_threads`, with its",
@@ -156,13 +209,22 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--batches", type=int, default=50, help="pipeline batches timed")
   parser.add_argument("--repeats", type=int, default=5, help="train steps timed per kind")
   parser.add_argument("--mock-examples", type=int, default=50_000)
+  parser.add_argument("--batch-size", type=int, default=None,
+                      help="instead of the configs' (ImageNet's 1024 is too big for a CPU)")
+  parser.add_argument("--synthetic-imagenet", type=int, default=0,
+                      help="> 0: ImageNet configs read this many synthetic JPEGs")
   parser.add_argument("--out", default=None, help="writes OUT.json and OUT.md")
   args = parser.parse_args(argv)
   rows = []
-  for name in args.configs.split(","):
-    rows.append(measure(name, variant=args.variant, batches=args.batches,
-                        repeats=args.repeats, mock_examples=args.mock_examples))
-    print(json.dumps(rows[-1]), flush=True)
+  with tempfile.TemporaryDirectory() as synthetic:
+    if args.synthetic_imagenet:
+      write_synthetic_imagenet(synthetic, args.synthetic_imagenet)
+    for name in args.configs.split(","):
+      rows.append(measure(name, variant=args.variant, batches=args.batches,
+                          repeats=args.repeats, mock_examples=args.mock_examples,
+                          batch_size=args.batch_size,
+                          synthetic_imagenet=synthetic if args.synthetic_imagenet else None))
+      print(json.dumps(rows[-1]), flush=True)
   machine = describe_machine()
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

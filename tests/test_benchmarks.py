@@ -53,3 +53,14 @@ def test_the_recorded_results_show_the_headroom_the_issue_asks_for():
   markdown = open(RESULTS + ".md").read()
   assert recorded["machine"] in markdown
   assert all(f"| {name} |" in markdown for name in rows)
+
+
+def test_the_recorded_imagenet_results_read_synthetic_jpegs():
+  recorded = json.load(open(RESULTS + "_imagenet.json"))
+  rows = {r["config"]: r for r in recorded["rows"]}
+  assert set(rows) == {"imagenet_resnet", "imagenet_vit"}
+  for row in rows.values():
+    assert row["dataset"] == "imagenet2012 (synthetic JPEGs)"
+    assert row["preprocessing"] == "imagenet"
+    assert row["headroom"] == pytest.approx(row["pipeline_images_per_s"]
+                                            / row["base_step_images_per_s"])
