@@ -40,6 +40,19 @@ def test_the_benchmark_measures_pipeline_and_steps_and_writes_its_tables(tmp_pat
   assert "| cifar10_resnet:smoke |" in open(out + ".md").read()
 
 
+def test_synthetic_imagenet_is_a_real_tfds_directory_of_jpegs(tmp_path):
+  from motivation_jax import data
+
+  _script().write_synthetic_imagenet(str(tmp_path), 8)
+  imagenet = data.get_dataset("imagenet2012", str(tmp_path), image_size=64)
+  assert (len(imagenet.train), len(imagenet.test)) == (8, 2)
+  sizes = {imagenet.train[i]["image"].shape for i in range(8)}
+  assert all(300 <= h <= 500 and 300 <= w <= 500 and c == 3 for h, w, c in sizes)
+  batch = data.TrainBatches(imagenet, 4, seed=0)[1]  # decoded, cropped, resized, flipped
+  assert batch["image"].shape == (4, 64, 64, 3)
+  assert data.EvalBatches(imagenet, 4)[0]["mask"].tolist() == [1, 1, 0, 0]
+
+
 def test_the_recorded_results_show_the_headroom_the_issue_asks_for():
   recorded = json.load(open(RESULTS + ".json"))
   rows = {r["config"]: r for r in recorded["rows"]}
