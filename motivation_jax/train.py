@@ -179,9 +179,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         f"batch {first_step}, controller at batch {controller.step}")
 
   # Compile both step kinds up front (also gives their FLOPs).
-  batch_spec = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((config.batch_size, *x.shape[1:]), x.dtype,
-                                     sharding=batch_sharding), train_data[0])
+  batch_spec = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+                for name, (shape, dtype) in train_data.global_shapes().items()}
   compiled = {kind: fn.lower(state, batch_spec).compile() for kind, fn in train_steps.items()}
   flops = {kind: steps.compiled_flops(c) for kind, c in compiled.items()}
 

@@ -8,8 +8,8 @@ the data position is one integer.
 """
 
 from motivation_jax.data.pipeline import (BatchIterator, EvalBatches, TrainBatches,
-                                          eval_batches, num_eval_batches, prefetch_to_device)
+                                          num_eval_batches, prefetch_to_device)
 from motivation_jax.data.sources import DATASETS, Dataset, get_dataset
 
 __all__ = ["DATASETS", "BatchIterator", "Dataset", "EvalBatches", "TrainBatches",
-           "eval_batches", "get_dataset", "num_eval_batches", "prefetch_to_device"]
+           "get_dataset", "num_eval_batches", "prefetch_to_device"]

@@ -85,10 +85,15 @@ class TrainBatches:
       # any number of processes. A different entropy than the epoch's order.
       rng = np.random.default_rng([self.seed, step, 1])
       images = _augment_train(images, self.dataset, rng, self.rows, self.global_batch_size)
-    elif self.dataset.preprocessing == "imagenet":
-      images = np.stack([augment.centre_crop(x, self.dataset.image_shape[0]) for x in images])
+    else:
+      images = _evaluation_view(images, self.dataset)
     return {"image": normalise(images, self.dataset.mean, self.dataset.std),
             "label": labels}
+
+  def global_shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of each leaf of a global batch, without reading any data."""
+    return {"image": ((self.global_batch_size, *self.dataset.image_shape), np.dtype(np.float32)),
+            "label": ((self.global_batch_size,), np.dtype(np.int32))}
 
   def position(self, next_batch: int) -> dict[str, Any]:
     """The data position to checkpoint: the next batch, and what fixes the batches."""
@@ -111,6 +116,13 @@ class TrainBatches:
   def iterator(self, start: int, stop: int, *, threads: int = 2,
                buffer: int = 4) -> "BatchIterator":
     return BatchIterator(self.__getitem__, start, stop, threads=threads, buffer=buffer)
+
+
+def _evaluation_view(images, dataset: Dataset):
+  """Images as evaluation sees them: ImageNet's centre crop, the others as they are."""
+  if dataset.preprocessing == "imagenet":
+    return np.stack([augment.centre_crop(x, dataset.image_shape[0]) for x in images])
+  return images
 
 
 def _augment_train(images, dataset: Dataset, rng: np.random.Generator, share: slice,
@@ -139,7 +151,7 @@ class BatchIterator:
 
   def __init__(self, fn: Callable[[int], Any], start: int, stop: int, *, threads: int,
                buffer: int):
-    self.start, self.stop = start, stop
+    self.start = start
     self._taken = 0
     if threads == 0:  # in this thread, one batch at a time (for debugging)
       self._iterator = map(fn, range(start, stop))
@@ -194,9 +206,8 @@ class EvalBatches:
     shape = self.dataset.image_shape
     if len(indices):
       images, labels = self.dataset.test.read(indices)
-      if self.dataset.preprocessing == "imagenet":
-        images = np.stack([augment.centre_crop(x, shape[0]) for x in images])
-      images = normalise(images, self.dataset.mean, self.dataset.std)
+      images = normalise(_evaluation_view(images, self.dataset), self.dataset.mean,
+                         self.dataset.std)
     else:  # this process's share is all padding
       images, labels = np.zeros((0, *shape), np.float32), np.zeros((0,), np.int32)
     pad = self.rows.stop - self.rows.start - len(indices)
@@ -207,12 +218,6 @@ class EvalBatches:
 
   def iterator(self, *, threads: int = 2, buffer: int = 4) -> BatchIterator:
     return BatchIterator(self.__getitem__, 0, self.num_batches, threads=threads, buffer=buffer)
-
-
-def eval_batches(dataset: Dataset, batch_size: int, **kwargs) -> Iterator[dict[str, np.ndarray]]:
-  """This process's share of every evaluation batch, in order."""
-  batches = EvalBatches(dataset, batch_size, **kwargs)
-  return (batches[b] for b in range(len(batches)))
 
 
 def prefetch_to_device(iterator: Iterator, put: Callable[[Any], Any], size: int = 2
