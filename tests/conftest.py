@@ -21,6 +21,16 @@ from motivation_jax.models import (NestedEfficientNet, NestedMLP, NestedResNet, 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def load_script(path: str):
+  """A script outside the package (e.g. ``benchmarks/cost_table.py``) as a module."""
+  import importlib.util
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def load_default_config():
   """``configs/default.py``'s ``get_config()`` (configs/ is not a package)."""
   return config_lib.load_config_file(os.path.join(ROOT, "configs", "default.py"))

@@ -4,23 +4,18 @@ No timing is asserted here: the numbers come from benchmarks/data_throughput.py 
 recorded in benchmarks/results/ with the machine named.
 """
 
-import importlib.util
 import json
 import os
 
 import pytest
 
-from conftest import ROOT, fast_compiles
+from conftest import ROOT, fast_compiles, load_script
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "data_throughput_cpu")
 
 
 def _script():
-  spec = importlib.util.spec_from_file_location(
-      "data_throughput", os.path.join(ROOT, "benchmarks", "data_throughput.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script("benchmarks/data_throughput.py")
 
 
 def test_the_benchmark_measures_pipeline_and_steps_and_writes_its_tables(tmp_path):

@@ -1,7 +1,6 @@
 """docs/costs.md is what benchmarks/cost_table.py computes (parameters checked here;
 the FLOPs columns come from the same run)."""
 
-import importlib.util
 import os
 
 import jax.numpy as jnp
@@ -9,15 +8,11 @@ import pytest
 
 from motivation_jax import models, nesting
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 
 def _script():
-  spec = importlib.util.spec_from_file_location(
-      "cost_table", os.path.join(ROOT, "benchmarks", "cost_table.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script("benchmarks/cost_table.py")
 
 
 def _rows():
