@@ -17,8 +17,8 @@ generated on read instead of decoded); ``png_decode_us`` gives what decoding a
 real PNG of that shape costs here, for comparison. ImageNet's mock images are
 10-50 px, which says nothing about decoding; ``--synthetic-imagenet N`` instead
 has TFDS's ImageNet builder write N synthetic JPEGs of 300-500 px a side (about
-70 KB each; ImageNet's average about 110 KB) to a temporary directory, and the
-ImageNet configs read those:
+70 KB each, measured here) to a temporary directory, and the ImageNet configs
+read those:
 
   python benchmarks/data_throughput.py --configs imagenet_resnet,imagenet_vit \
       --synthetic-imagenet 512 --batch-size 32 --out benchmarks/results/data_throughput_cpu_imagenet
