@@ -109,11 +109,11 @@ def pipeline_rate(train_data: data.TrainBatches, batches: int, threads: int) -> 
 
 def step_rates(config, dataset, train_data: data.TrainBatches, repeats: int) -> dict[str, float]:
   model, wmap, _ = train.build(config, dataset)
-  optimizer = train.make_optimizer(config, 1000, train_data.steps_per_epoch)
+  optimizer = steps.make_optimizer(config, 1000, train_data.steps_per_epoch)
   fns = steps.make_train_steps(model, optimizer, wmap=wmap, policy=config.motivation.policy)
   sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
   state = steps.create_train_state(model, optimizer, jax.random.key(0), sample,
-                                   stats=config.model.batch_norm_stats)
+                                   batch_norm_stats=config.model.batch_norm_stats)
   batch = jax.device_put(train_data[0])
   rates = {}
   for kind, fn in fns.items():

@@ -91,9 +91,6 @@ class Checkpointer:
           f"{first_line[:300]}); move it away to start afresh or pick another --workdir"
       ) from e
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()

@@ -14,9 +14,8 @@ each batch produced (here with the default ``decision_lag=1``)::
       previous = metrics
 
 Timing (``decision_lag`` L). The decision for batch t uses only the losses of
-batches <= t-1-L. L=0 is the paper's exact timing (batch t-1's loss decides
-batch t); L=1, the default, lets the loop dispatch batch t before it reads the
-loss of batch t-1. Losses observed early are held back until they are due, so
+batches <= t-1-L (docs/choices.md, "The decision lag", says why L=1 is the
+default and what L=0 costs). Losses observed early are held back until they are due, so
 the decisions never depend on when the host happened to fetch a loss: a loop
 that observes each loss at once and one that observes it a batch late decide
 identically. Deciding a batch whose due losses were never observed raises
@@ -61,7 +60,8 @@ configuration too; ``load_state_dict`` refuses a state saved under a different
 configuration. The decision log is not part of the state: call
 ``drain_decisions()`` before checkpointing.
 
-This module uses the Python standard library only (no JAX, no NumPy).
+This module uses the Python standard library only (no JAX, no NumPy), and from
+this package only the equally plain ``common`` and ``errors``.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ import operator
 import random
 from typing import Any, Callable, Mapping
 
-POLICIES = ("switch", "both")  # Mirrors steps.POLICIES; steps imports JAX, so no import.
+from motivation_jax.common import POLICIES, check_keys
+
 CONDITIONS: dict[str, type] = {}
 
 
@@ -252,10 +253,7 @@ def make_condition(name: str, **params: Any) -> Condition:
   signature = inspect.signature(CONDITIONS[name].__init__)
   accepted = {p.name: p.default is p.empty for p in signature.parameters.values()
               if p.name != "self"}
-  for param in params:
-    if param not in accepted:
-      raise ValueError(f"motivation condition {name!r} has no parameter {param!r}; "
-                       f"known: {', '.join(accepted) or 'none'}")
+  check_keys(params, accepted, f"a parameter of the motivation condition {name!r}")
   for param, required in accepted.items():
     if required and param not in params:
       raise ValueError(f"motivation condition {name!r} needs parameter {param!r}")
@@ -313,10 +311,7 @@ class Controller:
   @classmethod
   def from_config(cls, cfg: Mapping) -> Controller:
     """Builds a controller from the ``motivation`` config (a mapping or ConfigDict)."""
-    known = cls.TOP_LEVEL_KEYS + tuple(sorted(CONDITIONS))
-    for key in cfg:
-      if key not in known:
-        raise ValueError(f"unknown motivation config key {key!r}; known: {', '.join(known)}")
+    check_keys(cfg, cls.TOP_LEVEL_KEYS + tuple(sorted(CONDITIONS)), "a motivation config key")
     name = cfg["condition"] if "condition" in cfg else "loss_streak"
     params = dict(cfg[name]) if name in CONDITIONS and name in cfg else {}
     settings = {key: cfg[key] for key in cls.TOP_LEVEL_KEYS[1:] if key in cfg}

@@ -1,12 +1,21 @@
-"""Errors that mean "the input is wrong", reported to the user as one line."""
+"""Errors that mean "the input is wrong", reported to the user as one line.
+
+``motivation_jax.cli`` prints them as ``error: <message>`` and exits with status 2
+(``--verbosity=1`` or ``MOTIVATION_JAX_TRACEBACK=1`` adds the traceback). Standard
+library only: every module of the package may import it.
+"""
 
 
 class MotivationError(Exception):
-  """Base class: ``main`` prints these as one line, without a traceback."""
+  """Base class: the command line prints these as one line, without a traceback."""
 
 
 class ConfigError(MotivationError, ValueError):
   """A config value that does not exist or does not make sense."""
+
+
+class NestingError(MotivationError, ValueError):
+  """The base network is not nested in the motivated network."""
 
 
 class DataError(MotivationError, FileNotFoundError):

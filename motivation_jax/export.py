@@ -24,23 +24,23 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
-from absl import app, flags, logging
+from absl import flags
 
-from motivation_jax import checkpoint, models, nesting, steps
-from motivation_jax.errors import CheckpointError, ConfigError, MotivationError
+from motivation_jax import checkpoint, cli, models, nesting, steps
+from motivation_jax.common import SUBNETS
+from motivation_jax.errors import CheckpointError, ConfigError
 
 FORMAT = "motivation_jax.standalone/1"
 
 
 def export_run(workdir: str, subnet: str, out: str, *, step: int | None = None) -> dict:
   """Exports ``subnet`` of the run in ``workdir`` to ``out``; returns model.json's content."""
-  if subnet not in models.SUBNETS:
+  if subnet not in SUBNETS:
     raise ConfigError(f"--subnet must be 'base' or 'motivated', got {subnet!r}")
   if os.path.exists(out) and os.listdir(out):
     raise ConfigError(f"--out={out} exists and is not empty; pick a new directory")
@@ -56,10 +56,9 @@ def export_run(workdir: str, subnet: str, out: str, *, step: int | None = None) 
     sample = jnp.zeros((1, *dataset["image_shape"]), jnp.float32)
     wmap = nesting.weights_map(model, sample, subnet="motivated")
     # The optimizer's state layout (not its schedule) is what the restore needs.
-    from motivation_jax.train import make_optimizer  # the training code, only to read
-    optimizer = make_optimizer(config, total_steps=1, steps_per_epoch=1)
+    optimizer = steps.make_optimizer(config, total_steps=1, steps_per_epoch=1)
     abstract = steps.abstract_train_state(model, optimizer, sample,
-                                          stats=config.model.batch_norm_stats)
+                                          batch_norm_stats=config.model.batch_norm_stats)
     state = ckpt.restore(abstract, step)[0]
   finally:
     ckpt.close()
@@ -87,17 +86,9 @@ def export_run(workdir: str, subnet: str, out: str, *, step: int | None = None) 
   return spec
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+def main() -> None:
   f = flags.FLAGS
-  try:
-    spec = export_run(f.workdir, f.subnet, f.out, step=f.step)
-  except (MotivationError, ValueError) as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(2)
+  spec = export_run(f.workdir, f.subnet, f.out, step=f.step)
   print(f"exported the {spec['subnet']} model ({spec['params']:,} parameters, batch "
         f"{spec['source']['step']}) to {f.out}")
 
@@ -105,8 +96,8 @@ def main(argv):
 if __name__ == "__main__":
   # Flags only for the command line: importing export_run defines none.
   flags.DEFINE_string("workdir", None, "The training run's --workdir.")
-  flags.DEFINE_enum("subnet", None, list(models.SUBNETS), "Which sub-network.")
+  flags.DEFINE_enum("subnet", None, list(SUBNETS), "Which sub-network.")
   flags.DEFINE_string("out", None, "New directory for the exported model.")
   flags.DEFINE_integer("step", None, "Checkpoint to export (default: the latest).")
   flags.mark_flags_as_required(["workdir", "subnet", "out"])
-  app.run(main)
+  cli.run(main)

@@ -2,9 +2,9 @@
 
 Both sub-networks live in ONE variables pytree, the motivated model's. The
 base is a static view into it: for every leaf, the leading slice whose shape is
-that leaf's shape in the standalone base model (the prefix map of PAPER.md:
-the first ``d`` channels / units of every widened dimension, the first ``n``
-blocks of every deepened stage). Leaves of blocks the base skips have an empty
+that leaf's shape in the standalone base model (the prefix map of
+docs/choices.md: the first ``d`` channels / units of every widened dimension,
+the first ``n`` blocks of every deepened stage). Leaves of blocks the base skips have an empty
 view. The paper's copy-in at the start of a motivated phase and copy-back at its
 end are therefore implicit: there is nothing to copy.
 
@@ -18,13 +18,16 @@ Three operations use the map:
 - ``export(variables, subnet, weights_map)``: variables for the standalone
   module of that sub-network (``model.standalone(subnet)``).
 
-This module knows nothing about optimizers or data; ``opt_state_regions``
-extends a params map to any optax state through ``optax.tree_map_params``.
+``init_variables`` creates the one tree, optionally with the base's extensions
+starting at zero (``zero_extensions``). This module knows nothing about data or
+the training loop; ``opt_state_regions`` extends a params map to any optax
+state through ``optax.tree_map_params``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping
 
 import flax.traverse_util
@@ -33,9 +36,11 @@ import numpy as np
 import optax
 from jax import lax
 
-from motivation_jax.models.layers import SUBNETS, NestingError
+from motivation_jax.common import SUBNETS
+from motivation_jax.errors import NestingError
 
 PyTree = Any
+EXTENSION_INITS = ("default", "zero")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +156,32 @@ def opt_state_regions(optimizer: optax.GradientTransformation,
   return optax.tree_map_params(
       optimizer, lambda _, r: r, opt_state, params_regions,
       transform_non_params=lambda x: jax.tree.map(whole, x))
+
+
+def init_variables(model, rng: jax.Array, sample_input: jax.Array, *,
+                   extension_init: str = "default") -> dict:
+  """``model.init`` at the motivated size, compiled once.
+
+  ``extension_init="zero"`` then zeroes the extensions of the base
+  (``zero_extensions``), so that the motivated model starts out computing what
+  the base computes where the family allows it (docs/models.md).
+
+  Initialisers are many small threefry programs that XLA's CPU backend spends
+  seconds optimising for a function that runs once, so on CPU the compile uses
+  the lowest backend optimisation level (the values are the same).
+  """
+  if extension_init not in EXTENSION_INITS:
+    raise ValueError(f"extension_init must be one of {EXTENSION_INITS}, got {extension_init!r}")
+  options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+  init = jax.jit(functools.partial(model.init, subnet="motivated", train=False),
+                 compiler_options=options)
+  variables = init(rng, sample_input)
+  if extension_init == "zero":
+    wmap = weights_map(model, sample_input, subnet="motivated")
+    zero = functools.partial(zero_extensions, params_regions=wmap.params,
+                             last_layers=tuple(model.extension_last_layers))
+    variables = {**variables, "params": jax.jit(zero)(variables["params"])}
+  return variables
 
 
 def zero_extensions(params: PyTree, params_regions: PyTree,

@@ -32,38 +32,46 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from motivation_jax import models, nesting
+from motivation_jax import nesting
+from motivation_jax.common import POLICIES
+from motivation_jax.errors import ConfigError
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
-POLICIES = ("switch", "both")
-BATCH_STATS = ("shared", "per_subnet")
+# config.model.batch_norm_stats: docs/choices.md says what each keeps and why
+# "per_subnet" is the default.
+BATCH_NORM_STATS = ("shared", "per_subnet")
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @flax.struct.dataclass
 class TrainState:
   """Everything a train step reads and writes.
 
-  ``batch_stats`` holds the batch-norm running statistics: with
-  ``stats="shared"`` one motivated-sized tree that the base reads through its
-  view (the paper's copied buffers); with ``stats="per_subnet"`` a dict
-  ``{"base": tree, "motivated": tree}`` of two motivated-sized trees, each
-  updated only by its own sub-network's steps (the base only ever touches its
-  view of ``"base"``). Training is the same either way, since a train step
-  normalises with the batch's own statistics; only inference differs.
+  ``batch_stats`` holds the batch-norm running statistics as
+  ``batch_norm_stats`` (``config.model.batch_norm_stats``) says: ``"shared"``,
+  one motivated-sized tree that the base reads through its view;
+  ``"per_subnet"``, a dict ``{"base": tree, "motivated": tree}`` of two
+  motivated-sized trees, each updated only by its own sub-network's steps.
+  docs/choices.md explains the two.
   """
   step: jax.Array          # batches trained on so far (int32 scalar)
   params: PyTree           # the motivated model's parameters; the base is a view
   batch_stats: PyTree      # batch-norm statistics ({} for models without them)
   opt_state: PyTree
-  stats: str = flax.struct.field(pytree_node=False, default="per_subnet")
+  batch_norm_stats: str = flax.struct.field(pytree_node=False, default="per_subnet")
 
   def subnet_stats(self, subnet: str) -> PyTree:
-    return self.batch_stats[subnet] if self.stats == "per_subnet" else self.batch_stats
+    """The batch-norm statistics ``subnet`` evaluates with (full size)."""
+    if self.batch_norm_stats == "per_subnet":
+      return self.batch_stats[subnet]
+    return self.batch_stats
 
   def with_subnet_stats(self, subnet: str, stats: PyTree) -> PyTree:
     """The ``batch_stats`` field with one sub-network's statistics replaced."""
-    return {**self.batch_stats, subnet: stats} if self.stats == "per_subnet" else stats
+    if self.batch_norm_stats == "per_subnet":
+      return {**self.batch_stats, subnet: stats}
+    return stats
 
   def variables(self, subnet: str) -> dict[str, PyTree]:
     """The variables ``model.apply(..., subnet=subnet)`` runs with (full size)."""
@@ -72,32 +80,50 @@ class TrainState:
 
 def create_train_state(model, optimizer: optax.GradientTransformation,
                        rng: jax.Array, sample_input: jax.Array, *,
-                       stats: str = "per_subnet",
+                       batch_norm_stats: str = "per_subnet",
                        extension_init: str = "default") -> TrainState:
   """Initialises the one variables pytree at the motivated size
-  (``extension_init``: see ``models.init_variables``)."""
-  variables = models.init_variables(model, rng, sample_input, extension_init=extension_init)
-  return _train_state(variables, optimizer, stats)
+  (``extension_init``: see ``nesting.init_variables``)."""
+  variables = nesting.init_variables(model, rng, sample_input, extension_init=extension_init)
+  return _train_state(variables, optimizer, batch_norm_stats)
 
 
 def abstract_train_state(model, optimizer: optax.GradientTransformation,
-                         sample_input: jax.Array, *, stats: str = "per_subnet") -> TrainState:
+                         sample_input: jax.Array, *,
+                         batch_norm_stats: str = "per_subnet") -> TrainState:
   """Shapes and dtypes of ``create_train_state``'s result, computed without FLOPs
   (what a checkpoint restores into)."""
   return jax.eval_shape(lambda: _train_state(
       model.init(jax.random.key(0), sample_input, subnet="motivated", train=False),
-      optimizer, stats))
+      optimizer, batch_norm_stats))
 
 
-def _train_state(variables, optimizer, stats: str) -> TrainState:
-  if stats not in BATCH_STATS:
-    raise ValueError(f"batch-norm stats must be one of {BATCH_STATS}, got {stats!r}")
+def _train_state(variables, optimizer, batch_norm_stats: str) -> TrainState:
+  if batch_norm_stats not in BATCH_NORM_STATS:
+    raise ValueError(f"batch_norm_stats must be one of {BATCH_NORM_STATS}, "
+                     f"got {batch_norm_stats!r}")
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
-  if stats == "per_subnet":
+  if batch_norm_stats == "per_subnet":
     batch_stats = {"base": batch_stats, "motivated": jax.tree.map(jnp.copy, batch_stats)}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                    opt_state=optimizer.init(params), stats=stats)
+                    opt_state=optimizer.init(params), batch_norm_stats=batch_norm_stats)
+
+
+def make_optimizer(config, total_steps: int, steps_per_epoch: int
+                   ) -> optax.GradientTransformation:
+  """The optimizer of a config (keys ``optimizer``, ``learning_rate``, ``momentum``,
+  ``weight_decay``, ``warmup_epochs``): linear warm-up, then cosine decay to 0,
+  indexed by the global batch count."""
+  warmup = min(int(config.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, config.learning_rate, warmup_steps=warmup, decay_steps=max(total_steps, 1))
+  if config.optimizer == "sgd":
+    return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                       optax.sgd(schedule, momentum=config.momentum))
+  if config.optimizer == "adamw":
+    return optax.adamw(schedule, weight_decay=config.weight_decay)
+  raise ConfigError(f"config.optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
 
 
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:

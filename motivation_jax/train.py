@@ -1,50 +1,41 @@
 """``train_and_evaluate(config, workdir)``: wires data, model, steps and controller.
 
-The loop per batch t (nothing else happens on the host per step)::
+Three parts: ``setup`` builds a run (data, model, controller, the two compiled
+steps) and its state, restored from the workdir's latest checkpoint if there is
+one; ``train`` is the loop; ``summarize`` the numbers a user asks for. The loop
+is DESIGN's path of one batch::
 
-    kind = controller.next_kind()              # host, plain Python
-    state, metrics = steps[kind](state, batch)  # one compiled program per kind
-    controller.observe(t - lag, loss of batch t - lag)   # already on the host
+    kind = controller.next_kind()               # host, plain Python
+    state, metrics = train_steps[kind](state, batch)  # one compiled program per kind
+    pending.push(t, kind, metrics)              # read decision_lag batches late,
+                                                # then controller.observe(loss)
 
-Both step kinds are compiled ahead of time, before the first batch, which also
-gives their FLOPs for the summary.
+Nothing else happens on the host per batch but logging, evaluation and
+checkpoints at their intervals. docs/choices.md explains the decision lag.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import json
 import math
 import numbers
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import tqdm
 
 from motivation_jax import checkpoint, data, models, nesting, sharding, steps
 from motivation_jax.controller import Controller
-from motivation_jax.errors import ConfigError, MotivationError, TrainingError
+from motivation_jax.errors import ConfigError, TrainingError
 from motivation_jax.metrics import MetricWriter
-
-
-def make_optimizer(config, total_steps: int, steps_per_epoch: int) -> optax.GradientTransformation:
-  warmup = min(int(config.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, config.learning_rate, warmup_steps=warmup, decay_steps=max(total_steps, 1))
-  if config.optimizer == "sgd":
-    return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optax.sgd(schedule, momentum=config.momentum))
-  if config.optimizer == "adamw":
-    return optax.adamw(schedule, weight_decay=config.weight_decay)
-  raise ConfigError(f"config.optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}")
-
 
 _AT_LEAST_1 = ("an integer >= 1", lambda v: v >= 1)
 _NON_NEGATIVE = ("a finite number >= 0", lambda v: v >= 0)
@@ -63,7 +54,10 @@ _CHECKS = {
 
 
 def check_config(config) -> None:
-  """Refuses, in one line and before any work, a value that cannot train."""
+  """Refuses, in one line and before any work, a value that cannot train.
+
+  (``image_size`` is checked by ``data.get_dataset``, the first thing a run does.)
+  """
   for name, (kind, rule, holds) in _CHECKS.items():
     if name not in config:
       raise ConfigError(f"config.{name} is missing (configs/default.py lists every key)")
@@ -75,36 +69,221 @@ def check_config(config) -> None:
       raise ConfigError(f"config.{name} must be {rule}, got {value!r}")
   if not isinstance(config.get("augment"), bool):
     raise ConfigError(f"config.augment must be True or False, got {config.get('augment')!r}")
-  image_size = config.get("image_size", "missing")
-  if image_size is not None and not (isinstance(image_size, int) and image_size >= 8):
-    raise ConfigError(f"config.image_size must be unset (None) or an integer >= 8, "
-                      f"got {image_size!r}")
   for key in ("name", "base", "motivated", "batch_norm_stats", "extension_init"):
     if key not in config.model:
       raise ConfigError(f"config.model.{key} is missing (configs/default.py lists every key)")
-  if config.model.batch_norm_stats not in steps.BATCH_STATS:
-    raise ConfigError(f"config.model.batch_norm_stats must be one of {steps.BATCH_STATS}, "
-                      f"got {config.model.batch_norm_stats!r}")
-  if config.model.extension_init not in models.EXTENSION_INITS:
-    raise ConfigError(f"config.model.extension_init must be one of {models.EXTENSION_INITS}, "
-                      f"got {config.model.extension_init!r}")
+  for key, allowed in (("batch_norm_stats", steps.BATCH_NORM_STATS),
+                       ("extension_init", nesting.EXTENSION_INITS)):
+    if config.model[key] not in allowed:
+      raise ConfigError(f"config.model.{key} must be one of {allowed}, "
+                        f"got {config.model[key]!r}")
 
 
 def build(config, dataset: data.Dataset):
   """Model, weights map and controller from a config, with one-line errors."""
   try:
     model = models.build_model(config.model, dataset.num_classes)
-  except MotivationError:
-    raise
-  except (ValueError, KeyError, TypeError) as e:
+  except ConfigError as e:  # a NestingError passes as it is
     raise ConfigError(f"config.model: {e}") from e
   try:
     controller = Controller.from_config(config.motivation)
-  except ValueError as e:
+  except ValueError as e:  # the controller's checks of its own config
     raise ConfigError(f"config.motivation: {e}") from e
   sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
   wmap = nesting.weights_map(model, sample, subnet="motivated")
   return model, wmap, controller
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a run needs besides its train state, built by ``setup``."""
+  config: ml_collections.ConfigDict
+  dataset: data.Dataset
+  wmap: nesting.WeightsMap
+  controller: Controller
+  train_data: data.TrainBatches
+  eval_data: data.EvalBatches
+  put: Callable[[Any], Any]        # a host batch -> the global batch on the devices
+  train_steps: dict[str, Any]      # "base" | "motivated" -> compiled step
+  eval_steps: dict[str, Callable]  # "base" | "motivated" -> jitted eval step
+  flops: dict[str, float]          # per compiled train step, from XLA
+  ckpt: checkpoint.Checkpointer
+  writer: MetricWriter
+  workdir: str
+  chief: bool                      # process 0 writes the files
+  first_step: int                  # 0, or the batch a resumed run starts at
+
+  @property
+  def total_steps(self) -> int:
+    return self.config.num_epochs * self.train_data.steps_per_epoch
+
+  def epoch_ends(self, step: int, every_epochs: int) -> bool:
+    """Whether batch ``step`` ends an epoch that is a multiple of ``every_epochs``."""
+    per_epoch = self.train_data.steps_per_epoch
+    return step % per_epoch == 0 and (step // per_epoch) % every_epochs == 0
+
+  def close(self) -> None:
+    self.ckpt.close()
+    self.writer.close()
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, steps.TrainState]:
+  """A run and its state: initialised, or restored from the latest checkpoint in
+  ``workdir``. Refuses bad input in one line before any training, and compiles
+  both step kinds (which also gives their FLOPs)."""
+  check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  dataset = data.get_dataset(config.dataset, config.data_dir,
+                             mock_examples=config.mock_data_examples,
+                             image_size=config.image_size)
+  model, wmap, controller = build(config, dataset)
+  if config.batch_size > len(dataset.train):
+    raise ConfigError(f"config.batch_size={config.batch_size} exceeds the {len(dataset.train)} "
+                      f"training examples of {dataset.name}")
+  # Data parallel over every device: state replicated, batches split; each
+  # process reads the rows of each batch that its devices hold.
+  mesh = sharding.data_mesh()
+  for name in ("batch_size", "eval_batch_size"):
+    sharding.check_batch_size(name, config[name], mesh)
+  batch_sharding, state_sharding = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  train_data = data.TrainBatches(
+      dataset, config.batch_size, seed=config.seed, augment=config.augment,
+      rows=sharding.process_rows(batch_sharding, config.batch_size))
+  eval_data = data.EvalBatches(
+      dataset, config.eval_batch_size,
+      rows=sharding.process_rows(batch_sharding, config.eval_batch_size))
+  total_steps = config.num_epochs * train_data.steps_per_epoch
+  optimizer = steps.make_optimizer(config, total_steps, train_data.steps_per_epoch)
+  train_steps = steps.make_train_steps(model, optimizer, wmap=wmap,
+                                       policy=config.motivation.policy,
+                                       state_sharding=state_sharding,
+                                       batch_sharding=batch_sharding)
+  sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
+  state = jax.device_put(steps.create_train_state(
+      model, optimizer, jax.random.key(config.seed), sample,
+      batch_norm_stats=config.model.batch_norm_stats,
+      extension_init=config.model.extension_init), state_sharding)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  state, first_step = resume(ckpt, state, controller, train_data)
+
+  # Compile both step kinds up front, from the batches' declared shapes.
+  batch_spec = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+                for name, (shape, dtype) in train_data.global_shapes().items()}
+  compiled = {kind: fn.lower(state, batch_spec).compile() for kind, fn in train_steps.items()}
+  chief = jax.process_index() == 0
+  run = Run(config=config, dataset=dataset, wmap=wmap, controller=controller,
+            train_data=train_data, eval_data=eval_data,
+            put=functools.partial(sharding.global_batch, sharding=batch_sharding),
+            train_steps=compiled, eval_steps=steps.make_eval_steps(model),
+            flops={kind: steps.compiled_flops(c) for kind, c in compiled.items()},
+            ckpt=ckpt, writer=MetricWriter(workdir, enabled=chief), workdir=workdir,
+            chief=chief, first_step=first_step)
+  return run, state
+
+
+def resume(ckpt: checkpoint.Checkpointer, state: steps.TrainState, controller: Controller,
+           train_data: data.TrainBatches) -> tuple[steps.TrainState, int]:
+  """``(state, first batch)`` from the latest checkpoint, or ``(state, 0)`` without one.
+
+  The order matters: the state is restored into the shapes and shardings of
+  ``state``, then the controller state (which refuses another motivation
+  config), then the data position (which refuses other batches).
+  """
+  restored = ckpt.restore(jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+  if restored is None:
+    return state, 0
+  state, controller_state, position, _ = restored
+  try:
+    controller.load_state_dict(controller_state)
+    first_step = train_data.check_position(position)
+  except ValueError as e:
+    raise ConfigError(f"cannot resume from {ckpt.directory}: {e}") from e
+  if not int(state.step) == first_step == controller.step:
+    raise TrainingError(f"checkpoint inconsistent: state at batch {int(state.step)}, data at "
+                        f"batch {first_step}, controller at batch {controller.step}")
+  return state, first_step
+
+
+class PendingMetrics:
+  """The metrics of dispatched batches, read ``lag`` batches late.
+
+  Batch t's metrics are read once batch t + lag is dispatched, when batch t has
+  long finished: reading them costs no device stall. Each loss is checked,
+  given to the controller, and kept for the next log line.
+  """
+
+  def __init__(self, controller: Controller, ckpt: checkpoint.Checkpointer):
+    self._controller, self._ckpt = controller, ckpt
+    self._lag = controller.config["decision_lag"]
+    self._queue: collections.deque = collections.deque()
+    self._interval: dict[str, list[float]] = collections.defaultdict(list)
+
+  def push(self, t: int, kind: str, metrics: dict[str, jax.Array]) -> None:
+    self._queue.append((t, kind, metrics))
+    while len(self._queue) > self._lag:
+      self._observe_oldest()
+
+  def flush(self) -> None:
+    """Observes every pending batch (before a checkpoint: its controller state
+    must hold every loss)."""
+    while self._queue:
+      self._observe_oldest()
+
+  def interval_means(self) -> dict[str, float]:
+    """Mean of each metric since the last call, per step kind."""
+    means = {k: float(np.mean(v)) for k, v in self._interval.items()}
+    self._interval.clear()
+    return means
+
+  def _observe_oldest(self) -> None:
+    t, kind, metrics = self._queue.popleft()
+    metrics = jax.device_get(metrics)
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+      last = self._ckpt.latest_step()
+      kept = (f"the checkpoint of batch {last} in {self._ckpt.directory} is intact"
+              if last is not None else "no checkpoint had been written yet")
+      raise TrainingError(f"the training loss is {loss} at batch {t} ({kind} step); {kept}; "
+                          "lower config.learning_rate")
+    self._controller.observe(t, loss)
+    for name, value in metrics.items():
+      self._interval[f"{kind}/{name}"].append(float(value))
+
+
+def train(run: Run, state: steps.TrainState) -> tuple[steps.TrainState, dict[str, float]]:
+  """Trains from ``run.first_step`` to the end; returns the state and the last
+  evaluation (empty if no evaluation was due)."""
+  config, controller = run.config, run.controller
+  pending = PendingMetrics(controller, run.ckpt)
+  eval_metrics: dict[str, float] = {}
+  bar = tqdm.tqdm(total=run.total_steps, initial=run.first_step, unit="batch",
+                  disable=not config.progress_bar, dynamic_ncols=True)
+  # grain's threads prepare host batches ahead; the next batches are copied to
+  # the devices while the current step runs.
+  batches = data.prefetch_to_device(run.train_data.iterator(
+      run.first_step, run.total_steps, threads=config.data_threads), run.put)
+  for t, batch in zip(range(run.first_step, run.total_steps), batches):
+    kind = controller.next_kind()
+    state, metrics = run.train_steps[kind](state, batch)
+    pending.push(t, kind, metrics)
+    bar.update(1)
+    step = t + 1
+    if step % config.log_every_steps == 0:
+      log_training(run, step, pending.interval_means(), bar)
+    if run.epoch_ends(step, config.eval_every_epochs) or step == run.total_steps:
+      eval_metrics = evaluate_and_log(run, state, step, bar)
+    if run.epoch_ends(step, config.checkpoint_every_epochs) or step == run.total_steps:
+      save(run, state, pending, step)
+  bar.close()
+  return state, eval_metrics
+
+
+def log_training(run: Run, step: int, means: dict[str, float], bar: tqdm.tqdm) -> None:
+  means["motivated_fraction"] = run.controller.counts["motivated"] / step
+  run.writer.write(step, means)
+  bar.set_postfix({k.replace("/", "_"): f"{v:.3f}" for k, v in means.items()
+                   if k.endswith("loss")})
 
 
 def evaluate(eval_steps, state, eval_data: data.EvalBatches, put, threads: int
@@ -121,167 +300,67 @@ def evaluate(eval_steps, state, eval_data: data.EvalBatches, put, threads: int
   return out
 
 
+def evaluate_and_log(run: Run, state: steps.TrainState, step: int, bar: tqdm.tqdm
+                     ) -> dict[str, float]:
+  metrics = evaluate(run.eval_steps, state, run.eval_data, run.put, run.config.data_threads)
+  epoch = step // run.train_data.steps_per_epoch
+  run.writer.write(step, {**metrics, "epoch": epoch})
+  bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+  return metrics
+
+
+def save(run: Run, state: steps.TrainState, pending: PendingMetrics, step: int) -> None:
+  """Checkpoints batch ``step``, after the decisions up to it are in decisions.jsonl."""
+  pending.flush()
+  decisions = run.controller.drain_decisions()
+  if run.chief:
+    with open(os.path.join(run.workdir, "decisions.jsonl"), "a") as f:
+      f.writelines(json.dumps(d.to_dict()) + "\n" for d in decisions)
+  run.ckpt.save(step, state=state, controller_state=run.controller.state_dict(),
+                data_position=run.train_data.position(step),
+                config=json.loads(run.config.to_json()), dataset=run.dataset.description())
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains both sub-networks and returns the summary (also in workdir/summary.json)."""
   start_time = time.time()
-  check_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  dataset = data.get_dataset(config.dataset, config.data_dir,
-                             mock_examples=config.mock_data_examples,
-                             image_size=config.image_size)
-  model, wmap, controller = build(config, dataset)
-  if config.batch_size > len(dataset.train):
-    raise ConfigError(f"config.batch_size={config.batch_size} exceeds the {len(dataset.train)} "
-                      f"training examples of {dataset.name}")
-  # Data parallel over every device: state replicated, batches split; each
-  # process reads the rows of each batch that its devices hold.
-  mesh = sharding.data_mesh()
-  for name in ("batch_size", "eval_batch_size"):
-    sharding.check_batch_size(name, config[name], mesh)
-  batch_sharding, state_sharding = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  put = functools.partial(sharding.global_batch, sharding=batch_sharding)
-  train_data = data.TrainBatches(
-      dataset, config.batch_size, seed=config.seed, augment=config.augment,
-      rows=sharding.process_rows(batch_sharding, config.batch_size))
-  eval_data = data.EvalBatches(
-      dataset, config.eval_batch_size,
-      rows=sharding.process_rows(batch_sharding, config.eval_batch_size))
-  total_steps = config.num_epochs * train_data.steps_per_epoch
-  optimizer = make_optimizer(config, total_steps, train_data.steps_per_epoch)
-  train_steps = steps.make_train_steps(model, optimizer, wmap=wmap,
-                                       policy=config.motivation.policy,
-                                       state_sharding=state_sharding,
-                                       batch_sharding=batch_sharding)
-  eval_steps = steps.make_eval_steps(model)
+  run, state = setup(config, workdir)
+  state, eval_metrics = train(run, state)
+  if not eval_metrics:  # resumed at the end: nothing was trained or evaluated
+    eval_metrics = evaluate(run.eval_steps, state, run.eval_data, run.put,
+                            config.data_threads)
+  run.close()
+  summary = summarize(run, eval_metrics, time.time() - start_time)
+  if run.chief:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  return summary
 
-  rng = jax.random.key(config.seed)
-  sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
-  state = steps.create_train_state(model, optimizer, rng, sample,
-                                   stats=config.model.batch_norm_stats,
-                                   extension_init=config.model.extension_init)
-  state = jax.device_put(state, state_sharding)
 
-  # Resume: state, then controller (checks the motivation config), then the
-  # data position (checks that the batches would be the same).
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  restored = ckpt.restore(jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=state_sharding), state))
-  first_step = 0
-  if restored is not None:
-    state, controller_state, position, _ = restored
-    try:
-      controller.load_state_dict(controller_state)
-      first_step = train_data.check_position(position)
-    except ValueError as e:
-      raise ConfigError(f"cannot resume from {ckpt.directory}: {e}") from e
-  if not int(state.step) == first_step == controller.step:
-    raise TrainingError(f"checkpoint inconsistent: state at batch {int(state.step)}, data at "
-                        f"batch {first_step}, controller at batch {controller.step}")
-
-  # Compile both step kinds up front (also gives their FLOPs).
-  batch_spec = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-                for name, (shape, dtype) in train_data.global_shapes().items()}
-  compiled = {kind: fn.lower(state, batch_spec).compile() for kind, fn in train_steps.items()}
-  flops = {kind: steps.compiled_flops(c) for kind, c in compiled.items()}
-
-  # Every process takes the same decisions; process 0 writes the files.
-  chief = jax.process_index() == 0
-  writer = MetricWriter(workdir, enabled=chief)
-  decisions_path = os.path.join(workdir, "decisions.jsonl")
-  lag = controller.config["decision_lag"]
-  in_flight: collections.deque = collections.deque()
-  interval = collections.defaultdict(list)
-  eval_metrics: dict[str, float] = {}
-
-  def observe_oldest():
-    t, kind, metrics = in_flight.popleft()
-    metrics = jax.device_get(metrics)  # batch t finished long ago: no stall
-    loss = float(metrics["loss"])
-    if not math.isfinite(loss):
-      last = ckpt.latest_step()
-      kept = (f"the checkpoint of batch {last} in {ckpt.directory} is intact" if last is not None
-              else "no checkpoint had been written yet")
-      raise TrainingError(f"the training loss is {loss} at batch {t} ({kind} step); {kept}; "
-                          "lower config.learning_rate")
-    controller.observe(t, loss)
-    for name, value in metrics.items():
-      interval[f"{kind}/{name}"].append(float(value))
-
-  def flush_decisions():
-    decisions = controller.drain_decisions()
-    if chief:
-      with open(decisions_path, "a") as f:
-        for d in decisions:
-          f.write(json.dumps(d.to_dict()) + "\n")
-
-  def save(step):
-    while in_flight:  # the controller state must hold every loss
-      observe_oldest()
-    flush_decisions()
-    ckpt.save(step, state=state, controller_state=controller.state_dict(),
-              data_position=train_data.position(step), config=json.loads(config.to_json()),
-              dataset=dataset.description())
-
-  bar = tqdm.tqdm(total=total_steps, initial=first_step, disable=not config.progress_bar,
-                  unit="batch", dynamic_ncols=True)
-  # grain's threads prepare host batches ahead; the next batches are copied to
-  # the devices while the current step runs.
-  batches = data.prefetch_to_device(
-      train_data.iterator(first_step, total_steps, threads=config.data_threads), put)
-  for t, batch in zip(range(first_step, total_steps), batches):
-    kind = controller.next_kind()
-    state, metrics = compiled[kind](state, batch)
-    in_flight.append((t, kind, metrics))
-    while len(in_flight) > lag:
-      observe_oldest()
-    bar.update(1)
-    step = t + 1
-    if step % config.log_every_steps == 0:
-      summary = {k: float(np.mean(v)) for k, v in interval.items()}
-      summary["motivated_fraction"] = controller.counts["motivated"] / max(step, 1)
-      writer.write(step, summary)
-      interval.clear()
-      bar.set_postfix({k.replace("/", "_"): f"{v:.3f}" for k, v in summary.items()
-                       if k.endswith("loss")})
-    epoch_end = step % train_data.steps_per_epoch == 0
-    epoch = step // train_data.steps_per_epoch
-    if epoch_end and (epoch % config.eval_every_epochs == 0 or step == total_steps):
-      eval_metrics = evaluate(eval_steps, state, eval_data, put, config.data_threads)
-      writer.write(step, {**eval_metrics, "epoch": epoch})
-      bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-    if (epoch_end and epoch % config.checkpoint_every_epochs == 0) or step == total_steps:
-      save(step)
-  bar.close()
-  if first_step == total_steps or not eval_metrics:
-    eval_metrics = evaluate(eval_steps, state, eval_data, put, config.data_threads)
-  ckpt.close()
-  writer.close()
-
-  counts = controller.counts
+def summarize(run: Run, eval_metrics: dict[str, float], wall_time_s: float) -> dict[str, Any]:
+  """What the run gave (both test accuracies) and what it cost."""
+  counts, flops = run.controller.counts, run.flops
   # Under policy "both" the compiled motivated step includes a base step.
   motivated_only_flops = flops["motivated"] - (
-      flops["base"] if config.motivation.policy == "both" else 0.0)
-  summary = {
-      "dataset": dataset.name,
-      "train_examples": len(dataset.train),
-      "test_examples": len(dataset.test),
+      flops["base"] if run.config.motivation.policy == "both" else 0.0)
+  return {
+      "dataset": run.dataset.name,
+      "train_examples": len(run.dataset.train),
+      "test_examples": len(run.dataset.test),
       "base/test_accuracy": eval_metrics["base/test_accuracy"],
       "motivated/test_accuracy": eval_metrics["motivated/test_accuracy"],
       "base_steps": counts["base"],
       "motivated_steps": counts["motivated"],
-      "activations": controller.activations,
-      "params": {"base": wmap.num_params("base"), "motivated": wmap.num_params("motivated")},
+      "activations": run.controller.activations,
+      "params": {"base": run.wmap.num_params("base"),
+                 "motivated": run.wmap.num_params("motivated")},
       "flops_per_step": flops,
       "training_flops": counts["base"] * flops["base"] + counts["motivated"] * flops["motivated"],
       # What training the motivated (large) model alone on every batch costs.
       "large_alone_flops": (counts["base"] + counts["motivated"]) * motivated_only_flops,
-      "wall_time_s": time.time() - start_time,
-      "resumed_from_step": first_step,
+      "wall_time_s": wall_time_s,
+      "resumed_from_step": run.first_step,
   }
-  if chief:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
-  return summary
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from motivation_jax.errors import DataError
+from motivation_jax.errors import ConfigError, DataError
 
 # Where Debian's package dataset-fashion-mnist puts the IDX files.
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -232,8 +232,6 @@ def load_tfds(name: str, data_dir: str | None = None, *, image_size: int | None 
 def _image_shape(name: str, spec: TfdsSpec, image_size: int | None) -> tuple[int, ...]:
   if spec.image_shape is None:
     size = image_size or 224
-    if size < 8:
-      raise DataError(f"config.image_size={size} is too small for {name} (at least 8)")
     return (size, size, 3)
   return spec.image_shape
 
@@ -273,6 +271,10 @@ def get_dataset(name: str, data_dir: str | None = None, *, mock_examples: int = 
   """
   if name not in DATASETS:
     raise DataError(f"unknown data set {name!r}; available here: {', '.join(sorted(DATASETS))}")
+  if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                 or image_size < 8):
+    raise ConfigError(f"config.image_size must be unset (None) or an integer >= 8, "
+                      f"got {image_size!r}")
   if image_size and name != "imagenet2012":
     raise DataError(f"config.image_size={image_size} applies only to ImageNet, whose images "
                     f"vary in size; {name}'s have one size (leave it unset)")

@@ -11,7 +11,7 @@ The contract every family follows (and ``nesting`` relies on):
 - every ``kernel`` leaf is laid out ``[..., in, out]``, and
   ``model.extension_last_layers`` names the last layer of a residual branch,
   which ``extension_init="zero"`` zeroes in blocks only the motivated model has
-  (``nesting.zero_extensions``);
+  (``nesting.init_variables``);
 - the family module has ``from_config(base, motivated, num_classes, **options)``
   taking the ``config.model.base`` / ``.motivated`` dicts (``FAMILIES`` below).
 """
@@ -19,18 +19,19 @@ The contract every family follows (and ``nesting`` relies on):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 import inspect
+import json
+import os
 from typing import Any, Mapping
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from motivation_jax.common import check_keys
+from motivation_jax.errors import ConfigError
 from motivation_jax.models import cnn, efficientnet, mlp, resnet, vit
 from motivation_jax.models.efficientnet import NestedEfficientNet
-from motivation_jax.models.layers import SUBNETS, NestingError
 from motivation_jax.models.mlp import NestedMLP
 from motivation_jax.models.resnet import NestedResNet
 from motivation_jax.models.vit import NestedViT
@@ -38,51 +39,20 @@ from motivation_jax.models.vit import NestedViT
 # Family name (config.model.name) -> module with ``from_config``.
 FAMILIES = {
     "mlp": mlp, "cnn": cnn, "resnet": resnet, "efficientnet": efficientnet, "vit": vit}
-EXTENSION_INITS = ("default", "zero")
 # Keys of config.model that are not options of the family.
 _COMMON_KEYS = ("name", "base", "motivated", "batch_norm_stats", "extension_init")
-
-
-def init_variables(model, rng: jax.Array, sample_input: jax.Array, *,
-                   extension_init: str = "default") -> dict:
-  """``model.init`` at the motivated size, compiled once.
-
-  ``extension_init="zero"`` then zeroes the extensions of the base
-  (``nesting.zero_extensions``), so that the motivated model starts out
-  computing what the base computes where the family allows it.
-
-  Initialisers are many small threefry programs that XLA's CPU backend spends
-  seconds optimising for a function that runs once, so on CPU the compile uses
-  the lowest backend optimisation level (the values are the same).
-  """
-  if extension_init not in EXTENSION_INITS:
-    raise ValueError(f"extension_init must be one of {EXTENSION_INITS}, got {extension_init!r}")
-  options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-  init = jax.jit(functools.partial(model.init, subnet="motivated", train=False),
-                 compiler_options=options)
-  variables = init(rng, sample_input)
-  if extension_init == "zero":
-    from motivation_jax import nesting  # nesting imports this package
-    wmap = nesting.weights_map(model, sample_input, subnet="motivated")
-    zero = functools.partial(nesting.zero_extensions, params_regions=wmap.params,
-                             last_layers=tuple(model.extension_last_layers))
-    variables = {**variables, "params": jax.jit(zero)(variables["params"])}
-  return variables
 
 
 def build_model(config: Mapping[str, Any], num_classes: int):
   """Builds a nested model from ``config.model`` (see configs/default.py)."""
   name = config["name"]
   if name not in FAMILIES:
-    raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(FAMILIES))}")
+    raise ConfigError(f"unknown model {name!r}; known: {', '.join(sorted(FAMILIES))}")
   from_config = FAMILIES[name].from_config
   accepted = [p for p in inspect.signature(from_config).parameters
               if p not in ("base", "motivated", "num_classes")]
   options = {k: config[k] for k in config if k not in _COMMON_KEYS}
-  for key in options:
-    if key not in accepted:
-      raise ValueError(f"{key!r} is not an option of the {name} family "
-                       f"(its options: {', '.join(accepted) or 'none'})")
+  check_keys(options, accepted, f"an option of the {name} family")
   return from_config(dict(config["base"]), dict(config["motivated"]), num_classes, **options)
 
 
@@ -115,10 +85,7 @@ def build_standalone(spec: Mapping[str, Any]) -> nn.Module:
 
 def load_exported(directory: str) -> tuple[nn.Module, dict, dict]:
   """``(module, variables, spec)`` of a model written by ``motivation_jax.export``."""
-  import json
-  import os
-
-  import orbax.checkpoint as ocp  # only here: the models need no checkpointing
+  import orbax.checkpoint as ocp  # only here: building a model needs no checkpointing
 
   directory = os.path.abspath(directory)
   with open(os.path.join(directory, "model.json")) as f:
@@ -127,6 +94,5 @@ def load_exported(directory: str) -> tuple[nn.Module, dict, dict]:
   return build_standalone(spec), variables, spec
 
 
-__all__ = ["EXTENSION_INITS", "FAMILIES", "NestedEfficientNet", "NestedMLP", "NestedResNet",
-           "NestedViT", "NestingError", "SUBNETS", "build_model", "build_standalone", "init_variables", "load_exported",
-           "standalone_spec"]
+__all__ = ["FAMILIES", "NestedEfficientNet", "NestedMLP", "NestedResNet", "NestedViT",
+           "build_model", "build_standalone", "load_exported", "standalone_spec"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from motivation_jax.models.mlp import subnet_options
+from motivation_jax.models.options import subnet_options
 from motivation_jax.models.resnet import NestedResNet
 
 

@@ -65,9 +65,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from motivation_jax.common import check_subnet
+from motivation_jax.errors import ConfigError, NestingError
 from motivation_jax.models.layers import (NestedBatchNorm, NestedConv, NestedDense,
-                                         NestingError, check_subnet, nested_variable)
-from motivation_jax.models.mlp import subnet_options
+                                         nested_variable)
+from motivation_jax.models.options import subnet_options
 
 # The B0 stage table: (expand ratio, kernel, stride, output channels, repeats).
 B0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
@@ -173,20 +175,20 @@ class NestedEfficientNet(nn.Module):
     family = type(self).__name__
     stages = len(self.blocks)
     if not stages or any(len(b) != 3 or min(b) < 1 for b in self.blocks):
-      raise ValueError(f"{family}: blocks must give (expand ratio, kernel, stride) >= 1 for "
-                       f"at least one stage, got {tuple(self.blocks)}")
+      raise ConfigError(f"{family}: blocks must give (expand ratio, kernel, stride) >= 1 for "
+                        f"at least one stage, got {tuple(self.blocks)}")
     if len(self.base_widths) != len(self.motivated_widths):
       raise NestingError(f"{family}: base and motivated models need the same number of "
                          f"stages, got {len(self.base_widths)} and {len(self.motivated_widths)}")
     for name, widths, depths in (("base", self.base_widths, self.base_depths),
                                  ("motivated", self.motivated_widths, self.motivated_depths)):
       if len(widths) != stages or len(depths) != stages:
-        raise ValueError(f"{family}: {name}_widths and {name}_depths must have one entry for "
-                         f"each of the {stages} stages of blocks, got {tuple(widths)} and "
-                         f"{tuple(depths)}")
+        raise ConfigError(f"{family}: {name}_widths and {name}_depths must have one entry for "
+                          f"each of the {stages} stages of blocks, got {tuple(widths)} and "
+                          f"{tuple(depths)}")
       sizes = (getattr(self, f"{name}_stem"), *widths, *depths, getattr(self, f"{name}_head"))
       if any(not isinstance(v, numbers.Integral) or v < 1 for v in sizes):
-        raise ValueError(f"{family}: the {name}'s channels and depths must be integers >= 1")
+        raise ConfigError(f"{family}: the {name}'s channels and depths must be integers >= 1")
     layers = [("the stem", self.base_stem, self.motivated_stem),
               *((f"stage {s}", b, m)
                 for s, (b, m) in enumerate(zip(self.base_widths, self.motivated_widths))),
@@ -253,10 +255,10 @@ def round_repeats(repeats: int, depth: float) -> int:
 def arch(name: str, width: float = 1.0) -> tuple[int, tuple[int, ...], tuple[int, ...], int]:
   """(stem, widths, depths, head) of a named EfficientNet, with an extra width multiplier."""
   if name not in ARCHS:
-    raise ValueError(f"unknown EfficientNet {name!r}; known: {', '.join(ARCHS)}")
+    raise ConfigError(f"unknown EfficientNet {name!r}; known: {', '.join(ARCHS)}")
   if isinstance(width, bool) or not (isinstance(width, (int, float)) and math.isfinite(width)
                                      and width > 0):
-    raise ValueError(f"an EfficientNet width multiplier must be a number > 0, got {width!r}")
+    raise ConfigError(f"an EfficientNet width multiplier must be a number > 0, got {width!r}")
   width_coefficient, depth_coefficient = ARCHS[name]
   width = width_coefficient * width
   return (round_filters(B0_STEM, width),

@@ -21,18 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from motivation_jax.errors import MotivationError
-
-SUBNETS = ("base", "motivated")
-
-
-class NestingError(MotivationError, ValueError):
-  """The base network is not nested in the motivated network."""
-
-
-def check_subnet(subnet: str) -> None:
-  if subnet not in SUBNETS:
-    raise ValueError(f"subnet must be 'base' or 'motivated', got {subnet!r}")
+from motivation_jax.errors import NestingError
 
 
 def nested_variable(module: nn.Module, collection: str, name: str,
@@ -101,11 +90,15 @@ class NestedConv(nn.Module):
 
 
 class NestedBatchNorm(nn.Module):
-  """Batch norm over all but the last axis, with statistics shared through the view.
+  """Batch norm over all but the last axis; the base uses the first ``C_base`` channels.
 
-  A base step normalises with, and updates, only the first ``C_base`` entries of
-  the running statistics: the paper copies buffers along with weights, and here
-  the copy is implicit because both sub-networks read the same arrays.
+  In train mode it normalises with the batch's statistics and, when
+  ``batch_stats`` is mutable, updates the leading slice of the running
+  statistics it is given; in eval mode it normalises with them. Which running
+  statistics a sub-network is given is the train state's choice
+  (``config.model.batch_norm_stats``, docs/choices.md): its own copy
+  (``per_subnet``, the default) or one tree that both read through the view
+  (``shared``, the paper's copied buffers).
   """
   momentum: float = 0.9
   epsilon: float = 1e-5

@@ -18,7 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from motivation_jax.models.layers import NestedDense, NestingError, check_subnet
+from motivation_jax.common import check_subnet
+from motivation_jax.errors import NestingError
+from motivation_jax.models.layers import NestedDense
+from motivation_jax.models.options import check_widths, subnet_options
 
 
 class NestedMLP(nn.Module):
@@ -58,37 +61,8 @@ class NestedMLP(nn.Module):
     return NestedDense(self.num_classes, dtype=self.dtype, name="head")(x, subnet)
 
 
-def check_widths(family: str, base: Sequence[int], motivated: Sequence[int]) -> None:
-  """Refuses a base that is deeper, or wider at some layer, than the motivated model."""
-  if not base or any(w < 1 for w in (*base, *motivated)):
-    raise ValueError(f"{family}: widths must be positive and the base needs at least one "
-                     f"layer, got base={tuple(base)} motivated={tuple(motivated)}")
-  if len(base) > len(motivated):
-    raise NestingError(f"{family}: the base has {len(base)} layers but the motivated "
-                       f"model only {len(motivated)}; the base is not nested")
-  for i, (b, m) in enumerate(zip(base, motivated)):
-    if b > m:
-      raise NestingError(f"{family}: layer {i} is {b} wide in the base but {m} in the "
-                         "motivated model; the base is not nested")
-
-
 def from_config(base: Mapping[str, Any], motivated: Mapping[str, Any],
                 num_classes: int) -> NestedMLP:
   """``config.model.base`` / ``.motivated`` are ``{"widths": (...)}``."""
   widths = [subnet_options("mlp", d, required=("widths",))["widths"] for d in (base, motivated)]
   return NestedMLP(tuple(widths[0]), tuple(widths[1]), num_classes)
-
-
-def subnet_options(family: str, options: Mapping[str, Any], required: Sequence[str] = (),
-                   optional: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """One sub-network's config dict, checked: unknown keys and missing ones are refused."""
-  optional = dict(optional or {})
-  known = (*required, *optional)
-  for key in options:
-    if key not in known:
-      raise ValueError(f"{key!r} is not a sub-network option of the {family} family "
-                       f"(its options: {', '.join(known)})")
-  missing = [k for k in required if k not in options]
-  if missing:
-    raise ValueError(f"the {family} family needs {', '.join(missing)} for each sub-network")
-  return {**optional, **options}

@@ -36,9 +36,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from motivation_jax.models.layers import (NestedBatchNorm, NestedConv, NestedDense,
-                                         NestingError, check_subnet)
-from motivation_jax.models.mlp import check_widths, subnet_options
+from motivation_jax.common import check_subnet
+from motivation_jax.errors import ConfigError, NestingError
+from motivation_jax.models.layers import NestedBatchNorm, NestedConv, NestedDense
+from motivation_jax.models.options import check_widths, subnet_options
 
 STEMS = ("cifar", "imagenet")
 # name -> (stem, channels per stage, blocks per stage)
@@ -83,7 +84,7 @@ class NestedResNet(nn.Module):
   def __post_init__(self):
     family = type(self).__name__
     if self.stem not in STEMS:
-      raise ValueError(f"{family}: stem must be one of {STEMS}, got {self.stem!r}")
+      raise ConfigError(f"{family}: stem must be one of {STEMS}, got {self.stem!r}")
     check_widths(family, self.base_widths, self.motivated_widths)
     if len(self.base_widths) != len(self.motivated_widths):
       raise NestingError(f"{family}: base and motivated models need the same number of "
@@ -91,8 +92,8 @@ class NestedResNet(nn.Module):
     for name, widths, depths in (("base", self.base_widths, self.base_depths),
                                  ("motivated", self.motivated_widths, self.motivated_depths)):
       if len(depths) != len(widths) or any(d < 1 for d in depths):
-        raise ValueError(f"{family}: {name}_depths must give at least one block for each "
-                         f"of the {len(widths)} stages, got {tuple(depths)}")
+        raise ConfigError(f"{family}: {name}_depths must give at least one block for each "
+                          f"of the {len(widths)} stages, got {tuple(depths)}")
     for s, (b, m) in enumerate(zip(self.base_depths, self.motivated_depths)):
       if b > m:
         raise NestingError(f"{family}: stage {s} has {b} blocks in the base but {m} in "
@@ -135,9 +136,9 @@ class NestedResNet(nn.Module):
 def arch(name: str, width: float = 1.0) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
   """(stem, widths, depths) of a named ResNet, channels scaled by ``width``."""
   if name not in ARCHS:
-    raise ValueError(f"unknown ResNet {name!r}; known: {', '.join(ARCHS)}")
+    raise ConfigError(f"unknown ResNet {name!r}; known: {', '.join(ARCHS)}")
   if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
-    raise ValueError(f"a ResNet width multiplier must be a number > 0, got {width!r}")
+    raise ConfigError(f"a ResNet width multiplier must be a number > 0, got {width!r}")
   stem, widths, depths = ARCHS[name]
   return stem, tuple(max(1, round(w * width)) for w in widths), depths
 

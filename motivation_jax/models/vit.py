@@ -26,7 +26,7 @@ both sub-networks. As in the other families, initialisers see the motivated
 shapes (e.g. Xavier fans of ``D_m``), so a wider motivated model starts the
 base with smaller weights than a standalone base would get.
 
-``extension_init="zero"`` (``models.init_variables``) zeroes the attention
+``extension_init="zero"`` (``nesting.init_variables``) zeroes the attention
 ``out`` projection and MLP ``fc2`` of every extra block, so an extra block
 starts as the identity (pre-LN residual), and the generic width rule zeroes
 every kernel's weights from extension inputs into base outputs, so extra heads
@@ -50,9 +50,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from motivation_jax.models.layers import (NestedDense, NestingError, check_subnet,
-                                         nested_variable)
-from motivation_jax.models.mlp import subnet_options
+from motivation_jax.common import check_subnet
+from motivation_jax.errors import ConfigError, NestingError
+from motivation_jax.models.layers import NestedDense, nested_variable
+from motivation_jax.models.options import subnet_options
 
 # Published sizes: arch -> (embedding dim, heads, depth); head dim 64, MLP 4 * dim.
 ARCHS = {"ti": (192, 3, 12), "s": (384, 6, 12), "b": (768, 12, 12)}
@@ -180,7 +181,7 @@ class NestedViT(nn.Module):
                  "motivated_mlp_dim", "motivated_depth"):
       value = getattr(self, name)
       if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"NestedViT: {name} must be a positive integer, got {value!r}")
+        raise ConfigError(f"NestedViT: {name} must be a positive integer, got {value!r}")
     for what, b, m in (("embedding dim", self.base_dim, self.motivated_dim),
                        ("number of heads", self.base_heads, self.motivated_heads),
                        ("MLP hidden width", self.base_mlp_dim, self.motivated_mlp_dim),
@@ -246,7 +247,7 @@ def from_config(base: Mapping[str, Any], motivated: Mapping[str, Any], num_class
   ``heads * head_dim`` and the MLP hidden width ``4 * dim``; ``head_dim`` and
   ``patch_size`` are shared by both sub-networks."""
   if not isinstance(head_dim, numbers.Integral) or isinstance(head_dim, bool) or head_dim < 1:
-    raise ValueError(f"the vit family's head_dim must be a positive integer, got {head_dim!r}")
+    raise ConfigError(f"the vit family's head_dim must be a positive integer, got {head_dim!r}")
   (bd, bh, bm, bdepth), (md, mh, mm, mdepth) = (
       _subnet_sizes(options, head_dim) for options in (base, motivated))
   return NestedViT(base_dim=bd, base_heads=bh, base_mlp_dim=bm, base_depth=bdepth,
@@ -260,9 +261,9 @@ def _subnet_sizes(options: Mapping[str, Any], head_dim: int) -> tuple[int, int, 
                            optional={"depth": None, "width": 1.0})
   arch, width = options["arch"], options["width"]
   if arch not in ARCHS:
-    raise ValueError(f"unknown ViT arch {arch!r}; known: {', '.join(ARCHS)}")
+    raise ConfigError(f"unknown ViT arch {arch!r}; known: {', '.join(ARCHS)}")
   if not isinstance(width, numbers.Real) or isinstance(width, bool) or not width > 0:
-    raise ValueError(f"the vit family's width must be a positive number, got {width!r}")
+    raise ConfigError(f"the vit family's width must be a positive number, got {width!r}")
   _, heads, depth = ARCHS[arch]
   heads = max(1, round(heads * width))
   depth = depth if options["depth"] is None else options["depth"]

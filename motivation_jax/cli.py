@@ -1,0 +1,81 @@
+"""The one error path of the command lines (``main``, ``export``).
+
+An error in the user's input (``errors.MotivationError``: a config value, a data
+set, a checkpoint, a base that does not nest, a NaN loss) is printed as one line,
+``error: <message>``, and the process exits with status 2. With absl's
+``--verbosity=1`` or ``MOTIVATION_JAX_TRACEBACK=1`` in the environment, its
+traceback is printed first. Any other exception is a bug, and Python reports it
+with its traceback as usual.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Callable, NoReturn
+
+from absl import app, flags, logging
+
+from motivation_jax.errors import MotivationError
+
+TRACEBACK_ENV = "MOTIVATION_JAX_TRACEBACK"
+
+
+def one_line(error: BaseException | str) -> str:
+  """The message of ``error`` on one line.
+
+  ml_collections wraps its errors (``AttributeError(KeyError(message))`` for a
+  key that does not exist) and flattens a config file's traceback into its
+  message; the message that says what is wrong is then the wrapped one, or the
+  root cause's. A ``KeyError``'s ``str`` is the repr of its message.
+  """
+  while (isinstance(error, BaseException) and len(error.args) == 1
+         and isinstance(error.args[0], BaseException)):
+    error = error.args[0]
+  if isinstance(error, BaseException) and "Traceback (most recent call last)" in str(error):
+    while error.__cause__ or error.__context__:
+      error = error.__cause__ or error.__context__
+  if isinstance(error, KeyError) and error.args and isinstance(error.args[0], str):
+    error = error.args[0]
+  return " ".join(str(error).replace("\\n", " ").split())
+
+
+def wants_traceback() -> bool:
+  if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+    return True
+  return flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].value >= 1
+
+
+def fail(message: str, error: BaseException | None = None) -> NoReturn:
+  """Prints ``error: <message>`` (after ``error``'s traceback, when asked for) and
+  exits with status 2."""
+  if error is not None and wants_traceback():
+    traceback.print_exception(error)
+  print(f"error: {one_line(message)}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with a bad flag or ``--config.*`` override reported in one line."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
+    # ml_collections raises the latter for a key that does not exist, a value of
+    # the wrong type, an override of a config file that failed to load.
+    fail(f"bad command line: {one_line(e)}", e)
+
+
+def run(main: Callable[[], None]) -> None:
+  """``app.run`` of ``main()``: refuses positional arguments, keeps Orbax's INFO logs
+  quiet unless ``--verbosity`` is given, and reports a ``MotivationError`` in one line."""
+  def absl_main(argv):
+    if len(argv) > 1:
+      fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
+    try:
+      main()
+    except MotivationError as e:
+      fail(str(e), e)
+  app.run(absl_main, flags_parser=parse_flags)

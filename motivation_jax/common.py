@@ -1,0 +1,32 @@
+"""Names and checks shared across the package, at the bottom of its imports.
+
+The controller, the models, ``nesting`` and ``steps`` all import from here, and
+this module imports only the standard library and ``errors``, so none of them
+needs another to learn what a sub-network or a policy is called.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from motivation_jax.errors import ConfigError
+
+# The two sub-networks: every batch trains one of them.
+SUBNETS = ("base", "motivated")
+# What a motivated batch trains (docs/choices.md): the motivated model only, or a
+# base step and then a motivated step.
+POLICIES = ("switch", "both")
+
+
+def check_subnet(subnet: str) -> None:
+  if subnet not in SUBNETS:
+    raise ValueError(f"subnet must be 'base' or 'motivated', got {subnet!r}")
+
+
+def check_keys(given: Iterable[str], known: Iterable[str], what: str) -> None:
+  """Refuses, in one line, a key of ``given`` that is not in ``known``:
+  ``'<key>' is not <what>; known: <known keys>``."""
+  known = tuple(known)
+  for key in given:
+    if key not in known:
+      raise ConfigError(f"{key!r} is not {what}; known: {', '.join(known) or 'none'}")
