@@ -1,11 +1,30 @@
-"""Shared test fixtures: small nested models and batches."""
+"""Shared test fixtures and the test-wide compile settings.
 
-import contextlib
+XLA's compile time is most of this suite's time, so, set here once and
+inherited by the subprocesses tests start:
+
+- ``JAX_DISABLE_MOST_OPTIMIZATIONS``: XLA's CPU backend compiles at LLVM's
+  lowest optimisation level. Values are the same; so are XLA's FLOP counts,
+  since the HLO passes that fuse and simplify still run (checked for every case
+  of test_steps.py's FLOPs test: equal with and without), and the FLOPs tests
+  compare programs compiled alike anyway;
+- a persistent compilation cache under ``.pytest_cache/``, so a program compiled
+  again (each ``train_and_evaluate`` builds new jitted functions; a second run
+  of the suite) is read back instead.
+"""
+
 import os
 
-# Before JAX starts: deterministic CPU runs with several devices for sharding tests.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Before JAX starts: CPU runs with several devices for sharding tests.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(ROOT, ".pytest_cache", "xla-compilation-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -15,10 +34,7 @@ import pytest  # noqa: E402
 
 from motivation_jax import config_lib, nesting, steps  # noqa: E402
 from motivation_jax.models import (NestedEfficientNet, NestedMLP, NestedResNet,  # noqa: E402
-                                   NestedViT, init_variables)
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+                                   NestedViT)
 
 
 def load_script(path: str):
@@ -39,17 +55,6 @@ def load_default_config():
 def apply(model, variables, x, **kwargs):
   """``model.apply`` compiled as one program (eager op-by-op dispatch is slow on CPU)."""
   return jax.jit(lambda v, x: model.apply(v, x, **kwargs))(variables, x)
-
-
-@contextlib.contextmanager
-def fast_compiles():
-  """Lets XLA skip most optimisations (tests whose time is mostly compiling)."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_disable_most_optimizations", old)
 
 
 def make_batch(n: int = 16, hw: int = 8, seed: int = 0, channels: int = 1) -> dict:
@@ -119,7 +124,7 @@ def randomise(variables, seed=3):
 def check_export_matches_standalone(model, x, *, rtol=1e-5, atol=1e-5):
   """``export(variables, "base")`` in the standalone base gives the nested base's
   logits (eval and train mode) and the same batch-stat updates."""
-  variables = randomise(init_variables(model, jax.random.key(1), x))
+  variables = randomise(nesting.init_variables(model, jax.random.key(1), x))
   wmap = nesting.weights_map(model, x, subnet="motivated")
   exported = nesting.export(variables, "base", wmap)
   standalone = model.standalone("base")

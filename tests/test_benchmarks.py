@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from conftest import ROOT, fast_compiles, load_script
+from conftest import ROOT, load_script
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "data_throughput_cpu")
 
@@ -20,9 +20,8 @@ def _script():
 
 def test_the_benchmark_measures_pipeline_and_steps_and_writes_its_tables(tmp_path):
   out = str(tmp_path / "results" / "throughput")
-  with fast_compiles():
-    rows = _script().main(["--configs", "cifar10_resnet", "--variant", "smoke",
-                           "--batches", "2", "--repeats", "1", "--out", out])
+  rows = _script().main(["--configs", "cifar10_resnet", "--variant", "smoke",
+                         "--batches", "2", "--repeats", "1", "--out", out])
   (row,) = rows
   assert row["config"] == "cifar10_resnet:smoke" and row["preprocessing"] == "cifar"
   for key in ("pipeline_images_per_s", "base_step_images_per_s",

@@ -11,10 +11,18 @@ from motivation_jax import config_lib, models, nesting, train
 from motivation_jax.data import sources
 from motivation_jax.export import export_run
 
-from conftest import ROOT, fast_compiles
+from conftest import ROOT
 
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
 FAMILY_CONFIGS = [c for c in CONFIGS if c != "default.py"]
+# In the full run only (pytest -m ""): ImageNet's smoke runs take the ResNet and
+# ViT code paths the CIFAR configs take already, at a larger image size, and
+# EfficientNet's named architectures (16 to 23 blocks) take about a minute to
+# compile on a 2-core CPU; test_steps.py and test_efficientnet.py test that
+# family's code on a small model in the default run.
+SLOW_SMOKE = ("imagenet_resnet.py", "imagenet_vit.py", "cifar100_efficientnet.py")
+SMOKE_CONFIGS = [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_SMOKE else c
+                 for c in FAMILY_CONFIGS]
 # The data sets' image shapes and classes, for building the full-size models abstractly.
 SHAPES = {"digits": ((8, 8, 1), 10), "fashion_mnist": ((28, 28, 1), 10),
           "cifar10": ((32, 32, 3), 10), "cifar100": ((32, 32, 3), 100),
@@ -53,12 +61,11 @@ def test_a_config_documents_its_command_and_builds_a_nested_model(name):
   assert 0 < wmap.num_params("base") < wmap.num_params("motivated")
 
 
-@pytest.mark.parametrize("name", FAMILY_CONFIGS)
+@pytest.mark.parametrize("name", SMOKE_CONFIGS)
 def test_the_smoke_variant_trains_both_models_on_mock_data_and_exports(name, tmp_path):
   config = _load(name, "smoke")
   assert config.mock_data_examples > 0
-  with fast_compiles():  # a few steps: compiling is most of the time
-    summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert summary["dataset"].endswith("(mock data)")
   assert summary["base_steps"] > 0 and summary["motivated_steps"] > 0
   for subnet in ("base", "motivated"):
@@ -73,6 +80,7 @@ def test_an_unknown_variant_is_refused(name):
     _load(name, "large")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(sources.DEBIAN_FASHION_MNIST),
                     reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
 def test_fashion_mnist_cnn_trains_on_the_real_split_offline(tmp_path):

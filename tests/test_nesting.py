@@ -1,36 +1,45 @@
 """The weights map, the base view and export."""
 
+import functools
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from motivation_jax import nesting
-from motivation_jax.models import NestedResNet, NestedMLP, NestingError, init_variables
+from motivation_jax.errors import NestingError
+from motivation_jax.models import NestedMLP, NestedResNet
 
-from conftest import apply, check_export_matches_standalone, make_batch, randomise
+from conftest import MODELS, apply, check_export_matches_standalone, make_batch, randomise
 
 
 def _init(model, batch):
-  return init_variables(model, jax.random.key(1), batch["image"])
+  return nesting.init_variables(model, jax.random.key(1), batch["image"])
 
 
-def test_export_base_gives_the_standalone_base_the_same_logits(model, batch):
-  check_export_matches_standalone(model, batch["image"])
+@functools.cache
+def _variables(model_name):
+  """``(model, variables, wmap)`` of a conftest model, initialised once for this file."""
+  model, x = MODELS[model_name](), make_batch()["image"]
+  return model, _init(model, make_batch()), nesting.weights_map(model, x, subnet="motivated")
 
 
-def test_export_motivated_gives_the_standalone_motivated_the_same_logits(model, batch):
-  variables = randomise(_init(model, batch))
-  wmap = nesting.weights_map(model, batch["image"], subnet="motivated")
+def test_export_base_gives_the_standalone_base_the_same_logits(batch):
+  # The families' own files check export for ResNet, EfficientNet and ViT.
+  check_export_matches_standalone(MODELS["mlp"](), batch["image"])
+
+
+def test_export_motivated_gives_the_standalone_motivated_the_same_logits(model_name, batch):
+  model, variables, wmap = _variables(model_name)
+  variables = randomise(variables)
   exported = nesting.export(variables, "motivated", wmap)
   nested = apply(model, variables, batch["image"], subnet="motivated")
   alone = apply(model.standalone("motivated"), exported, batch["image"])
   np.testing.assert_array_equal(nested, alone)
 
 
-def test_base_ignores_everything_outside_its_region(model, batch):
-  variables = _init(model, batch)
-  wmap = nesting.weights_map(model, batch["image"], subnet="motivated")
+def test_base_ignores_everything_outside_its_region(model_name, batch):
+  model, variables, wmap = _variables(model_name)
   base_before = apply(model, variables, batch["image"], subnet="base")
   motivated_before = apply(model, variables, batch["image"], subnet="motivated")
   # Overwrite everything outside the base region with noise.
@@ -43,17 +52,17 @@ def test_base_ignores_everything_outside_its_region(model, batch):
                          motivated_before)
 
 
-def test_base_runs_the_same_on_the_full_tree_and_on_its_view(model, batch):
-  variables = randomise(_init(model, batch))
-  wmap = nesting.weights_map(model, batch["image"], subnet="motivated")
+def test_base_runs_the_same_on_the_full_tree_and_on_its_view(model_name, batch):
+  model, variables, wmap = _variables(model_name)
+  variables = randomise(variables)
   view = {col: nesting.base_view(tree, wmap[col]) for col, tree in variables.items()}
   np.testing.assert_array_equal(apply(model, variables, batch["image"], subnet="base"),
                                 apply(model, view, batch["image"], subnet="base"))
 
 
-def test_merge_of_the_view_is_the_identity(model, batch):
-  variables = randomise(_init(model, batch))
-  wmap = nesting.weights_map(model, batch["image"], subnet="motivated")
+def test_merge_of_the_view_is_the_identity(model_name):
+  _, variables, wmap = _variables(model_name)
+  variables = randomise(variables)
   for col, tree in variables.items():
     merged = nesting.merge_base(tree, nesting.base_view(tree, wmap[col]), wmap[col])
     jax.tree.map(np.testing.assert_array_equal, merged, tree)

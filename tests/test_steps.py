@@ -1,5 +1,7 @@
 """Semantics of the two compiled train steps over one variables pytree."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,8 @@ import pytest
 
 from motivation_jax import nesting, steps
 from motivation_jax.controller import Controller, make_condition
+
+from motivation_jax.models import NestedEfficientNet, NestedResNet
 
 from conftest import MODELS, check_step_flops, make_batch, reference_step
 
@@ -22,12 +26,29 @@ OPTIMIZERS = {
 }
 
 
-def _setup(model, optimizer, batch, policy="switch", jit=True, stats="per_subnet"):
+def _setup(model, optimizer, batch, policy="switch", jit=True, batch_norm_stats="per_subnet"):
   state = steps.create_train_state(model, optimizer, jax.random.key(0), batch["image"],
-                                   stats=stats)
+                                   batch_norm_stats=batch_norm_stats)
   wmap = nesting.weights_map(model, batch["image"], subnet="motivated")
   return state, wmap, steps.make_train_steps(model, optimizer, wmap=wmap, policy=policy,
                                              jit=jit)
+
+
+@functools.cache
+def _compiled(model_name, opt_name, batch_norm_stats="per_subnet", policy="switch"):
+  """``(model, optimizer, initial state on the host, wmap, jitted steps)``, built once
+  per combination: tests reuse the steps, which compile once per batch shape."""
+  model, optimizer = MODELS[model_name](), OPTIMIZERS[opt_name]()
+  state, wmap, fns = _setup(model, optimizer, make_batch(), policy=policy,
+                            batch_norm_stats=batch_norm_stats)
+  return model, optimizer, _copy(state), wmap, fns
+
+
+def _fresh(model_name, opt_name, **kwargs):
+  """Like ``_setup``, from the shared compiled steps (a new copy of the state:
+  the steps donate it)."""
+  model, optimizer, state, wmap, fns = _compiled(model_name, opt_name, **kwargs)
+  return model, optimizer, jax.device_put(_copy(state)), wmap, fns
 
 
 def _copy(tree):
@@ -54,7 +75,7 @@ def changed_outside_base(before, after, wmap, optimizer) -> list[str]:
                     nesting.opt_state_regions(optimizer, wmap.params)),
   }
   changed = []
-  if before.stats == "per_subnet":  # the base must not touch the motivated statistics
+  if before.batch_norm_stats == "per_subnet":  # the base must not touch the motivated statistics
     if not all(jax.tree.leaves(jax.tree.map(np.array_equal, before.batch_stats["motivated"],
                                             after.batch_stats["motivated"]))):
       changed.append("batch_stats['motivated']")
@@ -68,27 +89,59 @@ def changed_outside_base(before, after, wmap, optimizer) -> list[str]:
   return changed
 
 
-@pytest.mark.parametrize("stats", ["per_subnet", "shared"])
-@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
-def test_base_step_changes_nothing_outside_the_base_region(model, batch, opt_name, stats):
-  optimizer = OPTIMIZERS[opt_name]()
-  state, wmap, fns = _setup(model, optimizer, batch, stats=stats)
-  # A motivated step first, so momentum / Adam moments are non-zero everywhere
-  # and a leaking base step would move them (and, with weight decay, the params).
-  state, _ = fns["motivated"](state, batch)
-  for i in range(3):
+# Every model with both batch-norm modes where it has batch norm (the MLP and the ViT
+# have none, so "shared" would repeat "per_subnet").
+STEP_CASES = [(name, opt, stats) for name in sorted(MODELS) for opt in sorted(OPTIMIZERS)
+              for stats in (("per_subnet", "shared") if name in ("cnn", "efficientnet",
+                                                                 "resnet_imagenet")
+                            else ("per_subnet",))]
+
+
+@functools.cache
+def _reference(model_name, opt_name):
+  """An ordinary train step of the standalone base, written independently (jitted once)."""
+  model, optimizer = MODELS[model_name](), OPTIMIZERS[opt_name]()
+  standalone = model.standalone("base")
+  return jax.jit(lambda v, o, b: reference_step(standalone, optimizer, v, o, b))
+
+
+@pytest.mark.parametrize("model_name, opt_name, batch_norm_stats", STEP_CASES)
+def test_base_step_is_an_ordinary_base_step_and_changes_nothing_outside_the_base(
+    model_name, opt_name, batch_norm_stats):
+  _, optimizer, state, wmap, fns = _fresh(model_name, opt_name,
+                                          batch_norm_stats=batch_norm_stats)
+  # A motivated step first: the base starts mid-run, momentum / Adam moments are
+  # non-zero everywhere, and a leaking base step would move them (and, with
+  # weight decay, the params).
+  state, _ = fns["motivated"](state, make_batch(seed=9))
+  # The same start for the standalone base, exported from host copies (the steps
+  # donate the state; numpy slices compile nothing).
+  host = _copy(state)
+  variables = nesting.export(host.variables("base"), "base", wmap)
+  opt_state = nesting.export_opt_state(optimizer, host.opt_state, wmap)
+  chex.assert_trees_all_equal_structs(opt_state, optimizer.init(variables["params"]))
+  reference = _reference(model_name, opt_name)
+  for i in range(3):  # several steps, so the optimizer's moments take part
+    b = make_batch(seed=10 + i)
     before = _copy(state)
-    state, _ = fns["base"](state, make_batch(seed=i + 1))
+    state, metrics = fns["base"](state, b)
     assert changed_outside_base(before, _copy(state), wmap, optimizer) == []
-  # ... while inside the region it did train.
+    variables, opt_state, loss, _ = reference(variables, opt_state, b)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+  got = nesting.export(_copy(state.variables("base")), "base", wmap)
+  chex.assert_trees_all_close(got["params"], variables["params"], rtol=2e-5, atol=2e-6)
+  chex.assert_trees_all_close(got["batch_stats"], variables["batch_stats"], rtol=2e-5,
+                              atol=2e-6)
+  # ... so inside the region it did train.
   assert not np.array_equal(before.params["head"]["kernel"], state.params["head"]["kernel"])
+  assert int(state.step) == 4  # one motivated step, then three base steps
 
 
-def test_the_outside_check_catches_a_leaking_base_step(batch):
+def test_the_outside_check_catches_a_leaking_base_step():
   """The naive base step (base forward, optimizer over the whole tree) leaks
   momentum and weight decay outside the base; the check above must see it."""
-  model, optimizer = MODELS["cnn"](), OPTIMIZERS["adamw"]()
-  state, wmap, fns = _setup(model, optimizer, batch, stats="shared")
+  model, optimizer, state, wmap, fns = _fresh("cnn", "adamw", batch_norm_stats="shared")
+  batch = make_batch()
   state, _ = fns["motivated"](state, batch)
 
   @jax.jit
@@ -109,34 +162,10 @@ def test_the_outside_check_catches_a_leaking_base_step(batch):
   assert any(path.startswith("opt_state") for path in changed)
 
 
-@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
-def test_base_step_is_an_ordinary_step_of_the_standalone_base(model, batch, opt_name):
-  optimizer = OPTIMIZERS[opt_name]()
-  state, wmap, fns = _setup(model, optimizer, batch)
-  state, _ = fns["motivated"](state, make_batch(seed=9))  # the base starts mid-run
-  standalone = model.standalone("base")
-  # A copy: export shares whole leaves with the state, which the steps donate.
-  variables = _copy(nesting.export(state.variables("base"), "base", wmap))
-  opt_state = _copy(nesting.export_opt_state(optimizer, state.opt_state, wmap))
-  chex.assert_trees_all_equal_structs(opt_state, optimizer.init(variables["params"]))
-  reference = jax.jit(lambda v, o, b: reference_step(standalone, optimizer, v, o, b))
-  for i in range(3):  # several steps, so the optimizer's moments take part
-    b = make_batch(seed=10 + i)
-    state, metrics = fns["base"](state, b)
-    variables, opt_state, loss, _ = reference(variables, opt_state, b)
-    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
-  got = nesting.export(state.variables("base"), "base", wmap)
-  chex.assert_trees_all_close(got["params"], variables["params"], rtol=2e-5, atol=2e-6)
-  chex.assert_trees_all_close(got["batch_stats"], variables["batch_stats"], rtol=2e-5,
-                              atol=2e-6)
-  assert int(state.step) == 4  # one motivated step, then three base steps
-
-
-def test_motivated_step_updates_the_whole_tree(model, batch):
-  optimizer = OPTIMIZERS["sgd_momentum"]()
-  state, wmap, fns = _setup(model, optimizer, batch)
+def test_motivated_step_updates_the_whole_tree(model_name):
+  _, _, state, wmap, fns = _fresh(model_name, "sgd_momentum")
   before = _copy(state)
-  state, _ = fns["motivated"](state, batch)
+  state, _ = fns["motivated"](state, make_batch())
   for name, old_tree, new_tree in (
       ("params", before.params, state.params),
       ("batch_stats", before.subnet_stats("motivated"), state.subnet_stats("motivated"))):
@@ -154,9 +183,8 @@ def _counts(opt_state) -> list[int]:
 
 
 def test_both_policy_is_a_base_step_then_a_motivated_step(batch):
-  model, optimizer = MODELS["cnn"](), OPTIMIZERS["adamw"]()
-  state, _, both = _setup(model, optimizer, batch, policy="both")
-  _, _, switch = _setup(model, optimizer, batch, policy="switch")
+  _, _, state, _, both = _fresh("cnn", "adamw", policy="both")
+  _, _, _, _, switch = _fresh("cnn", "adamw")
   expected, _ = switch["base"](_copy(state), batch)
   # ... at the same position of the schedule: the base half leaves the count.
   # (Copies: the steps donate their input, and ``state`` is used below.)
@@ -229,17 +257,37 @@ def test_each_step_is_traced_and_compiled_once_over_hundreds_of_switches():
   assert len(compiles) == 2, compiles
 
 
-def test_compiled_flops_match_the_standalone_models(model_name):
-  check_step_flops(MODELS[model_name](), make_batch(n=128))
+# One model of every family, and every kind of nesting among them: (model, the
+# most the base step may cost as a fraction of the motivated step).
+FLOPS_CASES = {
+    "mlp, wider and deeper": (MODELS["mlp"], 0.6),
+    # Deeper only: the stem and the first blocks, which both share, cost most at
+    # 16x16, so the base costs more than half.
+    "resnet (imagenet stem), deeper": (lambda: NestedResNet(
+        base_widths=(4, 8), base_depths=(1, 1), motivated_widths=(4, 8),
+        motivated_depths=(3, 3), num_classes=10, stem="imagenet"), 0.8),
+    "efficientnet, wider": (lambda: NestedEfficientNet(
+        base_stem=4, base_widths=(4, 8), base_depths=(1, 1), base_head=8,
+        motivated_stem=8, motivated_widths=(8, 12), motivated_depths=(1, 1), motivated_head=16,
+        num_classes=10, blocks=((1, 3, 1), (4, 3, 2))), 0.6),
+    "vit, wider and deeper": (MODELS["vit"], 0.6),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FLOPS_CASES))
+def test_compiled_flops_match_the_standalone_models(case):
+  model, max_base_fraction = FLOPS_CASES[case]
+  # 16x16 images: the ImageNet stem leaves 4x4 positions for the stages.
+  check_step_flops(model(), make_batch(n=128, hw=16, channels=3),
+                   max_base_fraction=max_base_fraction)
 
 
 def test_steps_run_data_parallel_with_explicit_shardings():
   from jax.sharding import NamedSharding, PartitionSpec as P
   assert len(jax.devices()) == 4  # conftest asks XLA for 4 CPU devices
   mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  model, optimizer = MODELS["cnn"](), OPTIMIZERS["sgd_momentum"]()
+  model, optimizer, state, wmap, plain = _fresh("cnn", "sgd_momentum")
   batch = make_batch(n=16)
-  state, wmap, plain = _setup(model, optimizer, batch)
   state_sharding = jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
   batch_sharding = NamedSharding(mesh, P("data"))
   sharded = steps.make_train_steps(model, optimizer, wmap=wmap, state_sharding=state_sharding,

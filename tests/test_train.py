@@ -12,8 +12,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from motivation_jax import checkpoint, train
-from motivation_jax.errors import CheckpointError, ConfigError, DataError, TrainingError
-from motivation_jax.models import NestingError
+from motivation_jax.errors import (CheckpointError, ConfigError, DataError, NestingError,
+                                   TrainingError)
 
 from conftest import ROOT, load_default_config
 
@@ -44,6 +44,21 @@ def small_config(**overrides):
   return config
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """``(workdir, summary)`` of one finished small run (one epoch, 22 batches,
+  checkpointed at its end). Tests that change a workdir take a copy."""
+  workdir = tmp_path_factory.mktemp("finished")
+  return workdir, train.train_and_evaluate(small_config(num_epochs=1), str(workdir))
+
+
+def copy_of(finished_run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished_run[0], workdir)
+  return workdir
+
+
+@pytest.mark.slow
 def test_the_default_config_trains_both_models_above_90_percent(tmp_path):
   summary = train.train_and_evaluate(default_config(), str(tmp_path))
   assert summary["base/test_accuracy"] > 0.9
@@ -53,15 +68,24 @@ def test_the_default_config_trains_both_models_above_90_percent(tmp_path):
   assert 0 < summary["activations"] <= summary["motivated_steps"] < steps
   assert summary["flops_per_step"]["base"] < summary["flops_per_step"]["motivated"]
   assert summary["training_flops"] < summary["large_alone_flops"]
-  # What the run leaves behind.
-  decisions = [json.loads(l) for l in open(tmp_path / "decisions.jsonl")]
+
+
+def test_a_run_writes_its_decisions_metrics_and_summary(finished_run):
+  workdir, summary = finished_run
+  steps = summary["base_steps"] + summary["motivated_steps"]
+  assert steps == 1437 // 64
+  assert 0 < summary["activations"] <= summary["motivated_steps"] < steps
+  assert summary["flops_per_step"]["base"] < summary["flops_per_step"]["motivated"]
+  assert summary["training_flops"] < summary["large_alone_flops"]
+  assert summary["base/test_accuracy"] > 0.3  # one epoch; 10 classes: chance is 0.1
+  decisions = [json.loads(l) for l in open(workdir / "decisions.jsonl")]
   assert [d["step"] for d in decisions] == list(range(steps))
   assert sum(d["kind"] == "motivated" for d in decisions) == summary["motivated_steps"]
-  metrics = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  metrics = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
   assert any("base/test_accuracy" in m for m in metrics)
   assert any("motivated/loss" in m for m in metrics)
-  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
-  assert json.load(open(tmp_path / "summary.json"))["activations"] == summary["activations"]
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
+  assert json.load(open(workdir / "summary.json"))["activations"] == summary["activations"]
   table = train.format_summary(summary)
   assert "test accuracy" in table and "of training the motivated model alone" in table
   assert "resumed" not in table
@@ -97,32 +121,31 @@ def test_a_run_resumed_from_a_checkpoint_ends_bit_identical(tmp_path):
       os.path.join(resumed, "decisions.jsonl")).read()
 
 
-def test_a_corrupt_checkpoint_is_refused_in_one_line_and_kept(tmp_path):
-  config = small_config(num_epochs=1)
-  train.train_and_evaluate(config, str(tmp_path))
-  state_dir = tmp_path / "checkpoints" / "22" / "state"
+def test_a_corrupt_checkpoint_is_refused_in_one_line_and_kept(finished_run, tmp_path):
+  workdir = copy_of(finished_run, tmp_path)
+  state_dir = workdir / "checkpoints" / "22" / "state"
   for root, _, files in os.walk(state_dir):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"not a checkpoint")
   with pytest.raises(CheckpointError, match="cannot restore the checkpoint") as e:
-    train.train_and_evaluate(config, str(tmp_path))
+    train.train_and_evaluate(small_config(num_epochs=1), str(workdir))
   assert "\n" not in str(e.value)
   assert state_dir.exists()
 
 
-def test_resuming_with_another_motivation_config_is_refused(tmp_path):
-  train.train_and_evaluate(small_config(num_epochs=1), str(tmp_path))
+def test_resuming_with_another_motivation_config_is_refused(finished_run, tmp_path):
+  workdir = copy_of(finished_run, tmp_path)
   with pytest.raises(ConfigError, match="cannot resume .* condition_params"):
     train.train_and_evaluate(small_config(**{"num_epochs": 1, "motivation.loss_streak.k": 5}),
-                             str(tmp_path))
+                             str(workdir))
 
 
-def test_resuming_with_other_batches_is_refused_in_one_line(tmp_path):
-  train.train_and_evaluate(small_config(num_epochs=1), str(tmp_path))
+def test_resuming_with_other_batches_is_refused_in_one_line(finished_run, tmp_path):
+  workdir = copy_of(finished_run, tmp_path)
   with pytest.raises(DataError, match=r"data position was written for other batches "
                      r"\(global_batch_size 64 -> 32\)") as e:
-    train.train_and_evaluate(small_config(num_epochs=1, batch_size=32), str(tmp_path))
+    train.train_and_evaluate(small_config(num_epochs=1, batch_size=32), str(workdir))
   assert "\n" not in str(e.value)
 
 
@@ -134,13 +157,13 @@ def test_a_nan_loss_stops_training_with_one_line(tmp_path):
   assert "\n" not in str(e.value)
 
 
-def test_a_nan_loss_after_a_checkpoint_names_it_and_keeps_it(tmp_path):
-  train.train_and_evaluate(small_config(num_epochs=1), str(tmp_path))
+def test_a_nan_loss_after_a_checkpoint_names_it_and_keeps_it(finished_run, tmp_path):
+  workdir = copy_of(finished_run, tmp_path)
   with pytest.raises(TrainingError, match=r"loss is nan at batch 2[2-9] .*the checkpoint of "
                      r"batch 22 in .* is intact"):
     # The second epoch diverges: same motivation config, a learning rate that explodes.
-    train.train_and_evaluate(small_config(learning_rate=1e30), str(tmp_path))
-  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
+    train.train_and_evaluate(small_config(learning_rate=1e30), str(workdir))
+  ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"))
   assert ckpt.latest_step() == 22
   ckpt.close()
 
@@ -198,3 +221,35 @@ def test_main_reports_bad_input_in_one_line_without_a_traceback(tmp_path):
   assert result.returncode == 2
   assert result.stderr.startswith("error: cannot load --config") and "configs/missing.py" in result.stderr
   assert result.stderr.count("\n") == 1
+  for args, says in (
+      (["--config.seed=1"], "No such file or directory: 'configs/missing.py'"),
+      (["--config=configs/cifar10_resnet.py:large"], "unknown config variant 'large'")):
+    result = _main(f"--workdir={tmp_path}", *args, config="configs/missing.py")
+    assert result.returncode == 2 and says in result.stderr, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+  # The one error path: the traceback only when asked for, the same one line last.
+  result = subprocess.run(
+      [sys.executable, "-m", "motivation_jax.main", "--config=configs/default.py",
+       f"--workdir={tmp_path}", "--config.model.motivated.widths=(8,8)"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "MOTIVATION_JAX_TRACEBACK": "1"})
+  assert result.returncode == 2
+  assert "Traceback" in result.stderr and "NestingError" in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith("error: NestedResNet: layer 0 is 16")
+
+
+def test_a_bug_in_model_code_is_not_reported_as_a_config_error(monkeypatch):
+  """Only the package's own errors become one-line config errors; a TypeError from
+  a family's code is a bug and keeps its type (and traceback)."""
+  from motivation_jax import models
+
+  class Broken:
+    @staticmethod
+    def from_config(base, motivated, num_classes):
+      raise TypeError("a bug in the family's code")
+
+  monkeypatch.setitem(models.FAMILIES, "broken", Broken)
+  config = small_config(**{"model.name": "broken"})
+  dataset = train.data.get_dataset("digits")
+  with pytest.raises(TypeError, match="a bug in the family's code"):
+    train.build(config, dataset)
