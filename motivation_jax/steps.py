@@ -15,7 +15,7 @@ A base step:
    the base region is bit-identical before and after.
 
 Its compiled cost is the standalone base model's; the motivated step's is the
-standalone motivated model's (tests/test_steps.py checks both against XLA's
+standalone motivated model's (tests/test_step_costs.py checks both against XLA's
 cost analysis).
 
 The batch is a dict with ``image`` (float, NHWC or NC) and ``label`` (int).

@@ -6,7 +6,7 @@ inherited by the subprocesses tests start:
 - ``JAX_DISABLE_MOST_OPTIMIZATIONS``: XLA's CPU backend compiles at LLVM's
   lowest optimisation level. Values are the same; so are XLA's FLOP counts,
   since the HLO passes that fuse and simplify still run (checked for every case
-  of test_steps.py's FLOPs test: equal with and without), and the FLOPs tests
+  of test_step_costs.py: equal with and without), and the FLOPs tests
   compare programs compiled alike anyway;
 - a persistent compilation cache under ``.pytest_cache/``, so a program compiled
   again (each ``train_and_evaluate`` builds new jitted functions; a second run

@@ -18,8 +18,8 @@ FAMILY_CONFIGS = [c for c in CONFIGS if c != "default.py"]
 # In the full run only (pytest -m ""): ImageNet's smoke runs take the ResNet and
 # ViT code paths the CIFAR configs take already, at a larger image size, and
 # EfficientNet's named architectures (16 to 23 blocks) take about a minute to
-# compile on a 2-core CPU; test_steps.py and test_efficientnet.py test that
-# family's code on a small model in the default run.
+# compile on a 2-core CPU; test_steps.py, test_step_costs.py and
+# test_efficientnet.py test that family's code on a small model in the default run.
 SLOW_SMOKE = ("imagenet_resnet.py", "imagenet_vit.py", "cifar100_efficientnet.py")
 SMOKE_CONFIGS = [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_SMOKE else c
                  for c in FAMILY_CONFIGS]

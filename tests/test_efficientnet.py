@@ -1,6 +1,6 @@
 """The nested EfficientNet family: nesting, export and zero extension init.
 
-(The compiled steps' FLOPs of every family are checked in test_steps.py.)
+(The compiled steps' FLOPs of every family are checked in test_step_costs.py.)
 """
 
 import json

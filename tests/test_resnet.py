@@ -1,6 +1,6 @@
 """The nested ResNet family: named architectures, pairs, export, zero init.
 
-(The compiled steps' FLOPs of every family are checked in test_steps.py.)
+(The compiled steps' FLOPs of every family are checked in test_step_costs.py.)
 """
 
 import jax

@@ -12,9 +12,7 @@ import pytest
 from motivation_jax import nesting, steps
 from motivation_jax.controller import Controller, make_condition
 
-from motivation_jax.models import NestedEfficientNet, NestedResNet
-
-from conftest import MODELS, check_step_flops, make_batch, reference_step
+from conftest import MODELS, make_batch, reference_step
 
 OPTIMIZERS = {
     "sgd_momentum": lambda: optax.sgd(0.05, momentum=0.9),
@@ -255,31 +253,6 @@ def test_each_step_is_traced_and_compiled_once_over_hundreds_of_switches():
   switches = sum(a != b for a, b in zip(kinds, kinds[1:]))
   assert switches >= 150
   assert len(compiles) == 2, compiles
-
-
-# One model of every family, and every kind of nesting among them: (model, the
-# most the base step may cost as a fraction of the motivated step).
-FLOPS_CASES = {
-    "mlp, wider and deeper": (MODELS["mlp"], 0.6),
-    # Deeper only: the stem and the first blocks, which both share, cost most at
-    # 16x16, so the base costs more than half.
-    "resnet (imagenet stem), deeper": (lambda: NestedResNet(
-        base_widths=(4, 8), base_depths=(1, 1), motivated_widths=(4, 8),
-        motivated_depths=(3, 3), num_classes=10, stem="imagenet"), 0.8),
-    "efficientnet, wider": (lambda: NestedEfficientNet(
-        base_stem=4, base_widths=(4, 8), base_depths=(1, 1), base_head=8,
-        motivated_stem=8, motivated_widths=(8, 12), motivated_depths=(1, 1), motivated_head=16,
-        num_classes=10, blocks=((1, 3, 1), (4, 3, 2))), 0.6),
-    "vit, wider and deeper": (MODELS["vit"], 0.6),
-}
-
-
-@pytest.mark.parametrize("case", sorted(FLOPS_CASES))
-def test_compiled_flops_match_the_standalone_models(case):
-  model, max_base_fraction = FLOPS_CASES[case]
-  # 16x16 images: the ImageNet stem leaves 4x4 positions for the stages.
-  check_step_flops(model(), make_batch(n=128, hw=16, channels=3),
-                   max_base_fraction=max_base_fraction)
 
 
 def test_steps_run_data_parallel_with_explicit_shardings():

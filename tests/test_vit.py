@@ -1,6 +1,6 @@
 """The nested ViT family: export, zero extension init, validation, sizes.
 
-(The compiled steps' FLOPs of every family are checked in test_steps.py.)
+(The compiled steps' FLOPs of every family are checked in test_step_costs.py.)
 """
 
 import json

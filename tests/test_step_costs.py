@@ -1,0 +1,36 @@
+"""What the compiled steps cost: each kind what the standalone model of its size costs.
+
+The base step slices, it never masks: its XLA FLOP count is the standalone base
+model's step (within 5%) and well below the motivated step's.
+"""
+
+import pytest
+
+from motivation_jax.models import NestedEfficientNet, NestedResNet
+
+from conftest import MODELS, check_step_flops, make_batch
+
+
+# One model of every family, and every kind of nesting among them: (model, the
+# most the base step may cost as a fraction of the motivated step).
+FLOPS_CASES = {
+    "mlp, wider and deeper": (MODELS["mlp"], 0.6),
+    # Deeper only: the stem and the first blocks, which both share, cost most at
+    # 16x16, so the base costs more than half.
+    "resnet (imagenet stem), deeper": (lambda: NestedResNet(
+        base_widths=(4, 8), base_depths=(1, 1), motivated_widths=(4, 8),
+        motivated_depths=(3, 3), num_classes=10, stem="imagenet"), 0.8),
+    "efficientnet, wider": (lambda: NestedEfficientNet(
+        base_stem=4, base_widths=(4, 8), base_depths=(1, 1), base_head=8,
+        motivated_stem=8, motivated_widths=(8, 12), motivated_depths=(1, 1), motivated_head=16,
+        num_classes=10, blocks=((1, 3, 1), (4, 3, 2))), 0.6),
+    "vit, wider and deeper": (MODELS["vit"], 0.6),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FLOPS_CASES))
+def test_compiled_flops_match_the_standalone_models(case):
+  model, max_base_fraction = FLOPS_CASES[case]
+  # 16x16 images: the ImageNet stem leaves 4x4 positions for the stages.
+  check_step_flops(model(), make_batch(n=128, hw=16, channels=3),
+                   max_base_fraction=max_base_fraction)
