@@ -15,10 +15,10 @@ each batch produced (here with the default ``decision_lag=1``)::
 
 Timing (``decision_lag`` L). The decision for batch t uses only the losses of
 batches <= t-1-L (docs/choices.md, "The decision lag", says why L=1 is the
-default and what L=0 costs). Losses observed early are held back until they are due, so
-the decisions never depend on when the host happened to fetch a loss: a loop
-that observes each loss at once and one that observes it a batch late decide
-identically. Deciding a batch whose due losses were never observed raises
+default and what L=0 costs). Losses observed early are held back until they
+are due, so the decisions never depend on when the host happened to fetch a
+loss: a loop that observes each loss at once and one that observes it a batch
+late decide identically. Deciding a batch whose due losses were never observed raises
 ``MissingObservationError``. Every batch must be observed, once, in order,
 whichever network trained on it and whatever the condition.
 

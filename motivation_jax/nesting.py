@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from motivation_jax.common import SUBNETS
+from motivation_jax.common import check_subnet
 from motivation_jax.errors import NestingError
 
 PyTree = Any
@@ -221,8 +221,7 @@ def zero_extensions(params: PyTree, params_regions: PyTree,
 def export(variables: Mapping[str, PyTree], subnet: str,
            wmap: WeightsMap) -> dict[str, PyTree]:
   """Variables of one sub-network, accepted by ``model.standalone(subnet)``."""
-  if subnet not in SUBNETS:
-    raise ValueError(f"subnet must be 'base' or 'motivated', got {subnet!r}")
+  check_subnet(subnet)
   if subnet == "motivated":
     return {col: tree for col, tree in variables.items()}
   out = {}
