@@ -208,7 +208,7 @@ def _main(*args, config="configs/default.py"):
                         cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_main_reports_bad_input_in_one_line_without_a_traceback(tmp_path):
+def test_main_reports_bad_input_in_one_line_and_the_traceback_only_when_asked(tmp_path):
   result = _main(f"--workdir={tmp_path}", "--config.model.motivated.widths=(8,8)")
   assert result.returncode == 2, result.stderr
   assert result.stderr.strip().splitlines()[-1].startswith("error: NestedResNet: layer 0 is 16")
@@ -228,14 +228,15 @@ def test_main_reports_bad_input_in_one_line_without_a_traceback(tmp_path):
     assert result.returncode == 2 and says in result.stderr, result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
   # The one error path: the traceback only when asked for, the same one line last.
-  result = subprocess.run(
-      [sys.executable, "-m", "motivation_jax.main", "--config=configs/default.py",
-       f"--workdir={tmp_path}", "--config.model.motivated.widths=(8,8)"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env={**os.environ, "MOTIVATION_JAX_TRACEBACK": "1"})
-  assert result.returncode == 2
-  assert "Traceback" in result.stderr and "NestingError" in result.stderr
-  assert result.stderr.strip().splitlines()[-1].startswith("error: NestedResNet: layer 0 is 16")
+  for flags, env in ((["--verbosity=1"], {}), ([], {"MOTIVATION_JAX_TRACEBACK": "1"})):
+    result = subprocess.run(
+        [sys.executable, "-m", "motivation_jax.main", "--config=configs/default.py",
+         f"--workdir={tmp_path}", "--config.model.motivated.widths=(8,8)", *flags],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr and "NestingError" in result.stderr, flags
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: NestedResNet: layer 0 is 16")
 
 
 def test_a_bug_in_model_code_is_not_reported_as_a_config_error(monkeypatch):
