@@ -79,6 +79,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.motivation.cooldown_steps = 0  # base-only batches after each phase
   config.motivation.decision_lag = 1    # 0: the paper's exact timing (a sync per step)
   config.motivation.policy = "switch"   # "switch" or "both" (base step, then motivated)
+  # Cost cap: at most this fraction of the batches so far are motivated (None: no cap).
+  config.motivation.max_fraction = ml_collections.FieldReference(None, field_type=float)
 
   # Logging, evaluation and checkpoints.
   config.log_every_steps = 50

@@ -27,13 +27,20 @@ Rules for batch t, first match wins:
 1. a motivated phase is running          -> "motivated", reason "phase"
 2. t < warmup_steps                      -> "base",      reason "warmup"
 3. a cooldown is running                 -> "base",      reason "cooldown"
-4. the condition fires (``evaluate(t)``) -> "motivated", reason "condition";
+4. one more motivated batch would make more than ``max_fraction`` of the
+   batches 0..t motivated                -> "base",      reason "max_fraction";
+   a phase running is cut short here (rule 1 yields to this one), and its
+   cooldown follows;
+5. the condition fires (``evaluate(t)``) -> "motivated", reason "condition";
    this starts a phase of ``phase_steps`` motivated batches, this one included,
    and a cooldown of ``cooldown_steps`` base batches follows the phase;
    otherwise                             -> "base",      reason "condition".
 
-The condition sees every due loss (also during phases, warmup and cooldown) but
-is evaluated only under rule 4; the score logged for the other rules is 0.0.
+``max_fraction`` (None: no cap) caps the cost whatever the condition does: after
+any batch t, at most ``floor(max_fraction * (t + 1))`` batches were motivated.
+The condition sees every due loss (also during phases, warmup, cooldown and
+capped batches) but is evaluated only under rule 5; the score logged for the
+other rules is 0.0.
 
 Conditions (``make_condition(name, **params)``, or ``cfg.condition`` plus the
 sub-dict of that name in the config):
@@ -266,7 +273,7 @@ class Decision:
   step: int
   kind: str     # "base" or "motivated"
   score: float  # The condition's score when evaluated (reason "condition"), else 0.0.
-  reason: str   # "phase", "warmup", "cooldown" or "condition"
+  reason: str   # "phase", "warmup", "cooldown", "max_fraction" or "condition"
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -281,14 +288,21 @@ class Controller:
   """Decides batch by batch between the "base" and the "motivated" step."""
 
   TOP_LEVEL_KEYS = ("condition", "phase_steps", "warmup_steps", "cooldown_steps",
-                    "decision_lag", "policy")
+                    "decision_lag", "policy", "max_fraction")
 
   def __init__(self, condition: Condition, *, phase_steps: int = 1, warmup_steps: int = 0,
-               cooldown_steps: int = 0, decision_lag: int = 1, policy: str = "switch"):
+               cooldown_steps: int = 0, decision_lag: int = 1, policy: str = "switch",
+               max_fraction: float | None = None):
     if not isinstance(condition, Condition):
       raise ValueError(f"condition must be a Condition, got {type(condition).__name__}")
     if policy not in POLICIES:
       raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if max_fraction is not None:
+      ok = isinstance(max_fraction, numbers.Real) and not isinstance(max_fraction, bool)
+      if not (ok and 0 < max_fraction <= 1):
+        raise ValueError(f"max_fraction must be a number in (0, 1] or None (no cap), "
+                         f"got {max_fraction!r}")
+      max_fraction = float(max_fraction)
     self._condition = condition
     self._config = {
         "condition": condition.name,
@@ -298,6 +312,8 @@ class Controller:
         "cooldown_steps": _int("cooldown_steps", cooldown_steps, 0),
         "decision_lag": _int("decision_lag", decision_lag, 0),
         "policy": policy,
+        # A checkpoint written before this key existed compares equal to None.
+        "max_fraction": max_fraction,
     }
     self._step = 0
     self._phase_remaining = 0     # Motivated batches still due in the running phase.
@@ -369,7 +385,9 @@ class Controller:
       self._condition.observe(*self._held.pop(0))
 
     score = 0.0
-    if self._phase_remaining > 0:
+    cap = self._config["max_fraction"]
+    capped = cap is not None and self._counts["motivated"] + 1 > cap * (t + 1)
+    if self._phase_remaining > 0 and not capped:
       kind, reason = "motivated", "phase"
       self._phase_remaining -= 1
       self._maybe_start_cooldown()
@@ -378,6 +396,11 @@ class Controller:
     elif self._cooldown_remaining > 0:
       kind, reason = "base", "cooldown"
       self._cooldown_remaining -= 1
+    elif capped:
+      kind, reason = "base", "max_fraction"
+      if self._phase_remaining > 0:  # the phase ends here; its cooldown follows
+        self._phase_remaining = 0
+        self._maybe_start_cooldown()
     else:
       fire, score = self._condition.evaluate(t)
       score = float(score)

@@ -324,6 +324,47 @@ def test_condition_is_not_evaluated_during_a_phase():
   assert ctrl.activations == 2
 
 
+@pytest.mark.parametrize("cap", [0.25, 0.1, 1 / 3])
+def test_max_fraction_caps_the_motivated_batches_at_every_prefix(cap):
+  ctrl = Controller(make_condition("always"), max_fraction=cap)
+  log = decide(ctrl, 200)
+  motivated = 0
+  for t, d in enumerate(log):
+    motivated += d.kind == "motivated"
+    # "always" trains the motivated model whenever the cap allows it: exactly the cap.
+    assert motivated == math.floor(cap * (t + 1) + 1e-9), (t, motivated)
+    assert d.reason == ("condition" if d.kind == "motivated" else "max_fraction")
+  assert ctrl.activations == ctrl.counts["motivated"] == math.floor(cap * 200 + 1e-9)
+
+
+def test_max_fraction_cuts_a_phase_short_and_its_cooldown_follows():
+  ctrl = Controller(make_condition("replay", indices=[3]), phase_steps=4, cooldown_steps=2,
+                    max_fraction=0.5)
+  log = decide(ctrl, 10)
+  # Batch 3 starts a phase of 4: batches 3, 4 and 5 make 1 of 4, 2 of 5 and 3 of 6
+  # batches motivated; batch 6 would make 4 of 7, over half: capped, so the phase
+  # ends there and its cooldown of 2 follows.
+  assert [(d.kind[0], d.reason) for d in log[3:10]] == [
+      ("m", "condition"), ("m", "phase"), ("m", "phase"), ("b", "max_fraction"),
+      ("b", "cooldown"), ("b", "cooldown"), ("b", "condition")]
+
+
+@pytest.mark.parametrize("cap", [0, 0.0, -0.1, 1.5, NAN, True, "0.2"])
+def test_max_fraction_outside_zero_to_one_is_refused(cap):
+  with pytest.raises(ValueError, match=r"max_fraction must be a number in \(0, 1\]"):
+    Controller(make_condition("always"), max_fraction=cap)
+
+
+def test_a_checkpoint_without_max_fraction_resumes_uncapped_only():
+  """Checkpoints written before the cap existed hold no max_fraction: they resume
+  into an uncapped controller, and a capped one refuses them."""
+  saved = Controller(make_condition("always")).state_dict()
+  del saved["config"]["max_fraction"]
+  Controller(make_condition("always")).load_state_dict(saved)
+  with pytest.raises(ValueError, match="max_fraction is 0.5 here, None in the checkpoint"):
+    Controller(make_condition("always"), max_fraction=0.5).load_state_dict(saved)
+
+
 def test_loss_streak_is_fed_during_warmup():
   ctrl = Controller(make_condition("loss_streak", k=2), warmup_steps=3, decision_lag=0)
   assert run(ctrl, [5.0, 4.0, 3.0, 2.0]) == ["base", "base", "base", "motivated"]
@@ -392,7 +433,7 @@ def test_state_dict_contents():
   assert state["config"] == {"condition": "loss_streak",
                              "condition_params": {"k": 2, "margin": 0.0, "ema": 0.3},
                              "phase_steps": 3, "warmup_steps": 5, "cooldown_steps": 2,
-                             "decision_lag": 1, "policy": "switch"}
+                             "decision_lag": 1, "policy": "switch", "max_fraction": None}
 
 
 @pytest.mark.parametrize("other, key", [
@@ -456,7 +497,7 @@ def test_from_config_uses_only_the_chosen_condition():
   assert ctrl.config == {"condition": "loss_streak",
                          "condition_params": {"k": 2, "margin": 0.0, "ema": 0.5},
                          "phase_steps": 2, "warmup_steps": 1, "cooldown_steps": 3,
-                         "decision_lag": 0, "policy": "both"}
+                         "decision_lag": 0, "policy": "both", "max_fraction": None}
   replay = Controller.from_config({**FULL_CONFIG, "condition": "replay",
                                    "replay": {"indices": [4, 2]}})
   assert replay.condition.indices == (2, 4)

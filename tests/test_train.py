@@ -121,6 +121,15 @@ def test_a_run_resumed_from_a_checkpoint_ends_bit_identical(tmp_path):
       os.path.join(resumed, "decisions.jsonl")).read()
 
 
+def test_max_fraction_caps_the_motivated_batches_of_a_run(tmp_path):
+  config = small_config(**{"num_epochs": 1, "motivation.condition": "always",
+                           "motivation.max_fraction": 0.2})
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary["motivated_steps"] == 4 and summary["base_steps"] == 18  # 22 batches
+  reasons = [json.loads(l)["reason"] for l in open(tmp_path / "decisions.jsonl")]
+  assert reasons.count("max_fraction") == 18
+
+
 def test_a_corrupt_checkpoint_is_refused_in_one_line_and_kept(finished_run, tmp_path):
   workdir = copy_of(finished_run, tmp_path)
   state_dir = workdir / "checkpoints" / "22" / "state"
@@ -171,6 +180,8 @@ def test_a_nan_loss_after_a_checkpoint_names_it_and_keeps_it(finished_run, tmp_p
 @pytest.mark.parametrize("overrides, error, message", [
     ({"motivation.condition": "loss_falls"}, ConfigError, "unknown motivation condition"),
     ({"motivation.policy": "sometimes"}, ConfigError, "policy"),
+    ({"motivation.max_fraction": 1.5}, ConfigError,
+     r"config.motivation: max_fraction must be a number in \(0, 1\]"),
     ({"model.name": "transformer"}, ConfigError, "unknown model 'transformer'"),
     ({"optimizer": "lion"}, ConfigError, "config.optimizer must be"),
     ({"model.base": {"widths": (128,)}}, NestingError, "layer 0 is 128 wide in the base"),
