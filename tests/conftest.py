@@ -10,7 +10,9 @@ inherited by the subprocesses tests start:
   compare programs compiled alike anyway;
 - a persistent compilation cache under ``.pytest_cache/``, so a program compiled
   again (each ``train_and_evaluate`` builds new jitted functions; a second run
-  of the suite) is read back instead.
+  of the suite) is read back instead. Workers share it; an entry is written in
+  place, but compressed, so one read half-written fails to decompress and JAX
+  warns and compiles instead.
 """
 
 import os
