@@ -82,6 +82,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Cost cap: at most this fraction of the batches so far are motivated (None: no cap).
   config.motivation.max_fraction = ml_collections.FieldReference(None, field_type=float)
 
+  # Batch norm: before each evaluation, each checkpoint and export, every
+  # sub-network's statistics are recomputed from this many fixed training
+  # batches (0: evaluate with the running averages; docs/choices.md). Models
+  # without batch norm ignore it.
+  config.bn_recalibration_batches = 20
+
   # Logging, evaluation and checkpoints.
   config.log_every_steps = 50
   config.eval_every_epochs = 1

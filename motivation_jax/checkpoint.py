@@ -8,7 +8,10 @@ see exactly the batches of an uninterrupted one, on any number of processes.
 
 The ``dataset`` item (name, classes, image shape, normalisation) is what
 ``python -m motivation_jax.export`` needs to describe a deployed model without
-loading the data.
+loading the data; the optional ``eval_stats`` item (``{"base": tree,
+"motivated": tree}``, the batch-norm statistics each sub-network was
+recalibrated to at that batch, ``motivation_jax.recalibration``) is what it
+deploys with them.
 
 Resume order (``train.train_and_evaluate``): build the abstract state (with its
 shardings), restore the latest checkpoint into it, load the controller state
@@ -26,7 +29,7 @@ import orbax.checkpoint as ocp
 
 from motivation_jax.errors import CheckpointError
 
-ITEMS = ("state", "controller", "data_position", "config", "dataset")
+ITEMS = ("state", "controller", "data_position", "config", "dataset", "eval_stats")
 
 
 class Checkpointer:
@@ -43,13 +46,15 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, *, state, controller_state: dict, data_position: dict,
-           config: dict, dataset: dict) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        controller=ocp.args.JsonSave(controller_state),
-        data_position=ocp.args.JsonSave(data_position),
-        config=ocp.args.JsonSave(config),
-        dataset=ocp.args.JsonSave(dataset)))
+           config: dict, dataset: dict, eval_stats=None) -> None:
+    items = dict(state=ocp.args.StandardSave(state),
+                 controller=ocp.args.JsonSave(controller_state),
+                 data_position=ocp.args.JsonSave(data_position),
+                 config=ocp.args.JsonSave(config),
+                 dataset=ocp.args.JsonSave(dataset))
+    if eval_stats is not None:
+      items["eval_stats"] = ocp.args.StandardSave(eval_stats)
+    self.manager.save(step, args=ocp.args.Composite(**items))
 
   def restore(self, abstract_state, step: int | None = None
               ) -> tuple[Any, dict, dict, int] | None:
@@ -80,6 +85,13 @@ class Checkpointer:
     restored = self._restore(step, config=ocp.args.JsonRestore(),
                              dataset=ocp.args.JsonRestore())
     return restored["config"], restored["dataset"], step
+
+  def restore_eval_stats(self, abstract_stats, step: int):
+    """The ``eval_stats`` item of checkpoint ``step``, or None if it has none
+    (a run without recalibration, or a model without batch norm)."""
+    if not os.path.isdir(os.path.join(self.directory, str(step), "eval_stats")):
+      return None
+    return self._restore(step, eval_stats=ocp.args.StandardRestore(abstract_stats))["eval_stats"]
 
   def _restore(self, step: int, **items):
     try:

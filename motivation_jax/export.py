@@ -6,7 +6,9 @@ writes, from the latest checkpoint of the run in ``DIR`` (or ``--step``):
 
 - ``OUT/variables/``: an Orbax checkpoint of that sub-network's variables
   alone (``nesting.export``: the base's slices, or the whole motivated tree),
-  with the batch-norm statistics that sub-network evaluates with;
+  with the batch-norm statistics that sub-network evaluates with (recalibrated
+  at that checkpoint, ``motivation_jax.recalibration``, unless the run turned
+  it off);
 - ``OUT/model.json``: the standalone architecture (module, class and fields),
   the input shape and the normalisation the model expects.
 
@@ -60,9 +62,14 @@ def export_run(workdir: str, subnet: str, out: str, *, step: int | None = None) 
     abstract = steps.abstract_train_state(model, optimizer, sample,
                                           batch_norm_stats=config.model.batch_norm_stats)
     state = ckpt.restore(abstract, step)[0]
+    eval_stats = ckpt.restore_eval_stats(
+        {s: abstract.subnet_stats(s) for s in SUBNETS}, step)
   finally:
     ckpt.close()
-  variables = nesting.export(state.variables(subnet), subnet, wmap)
+  variables = state.variables(subnet)
+  if eval_stats is not None:  # the statistics the run evaluated this sub-network with
+    variables = {**variables, "batch_stats": eval_stats[subnet]}
+  variables = nesting.export(variables, subnet, wmap)
   if not jax.tree.leaves(variables.get("batch_stats", {})):
     variables.pop("batch_stats", None)
   spec = {
@@ -74,6 +81,9 @@ def export_run(workdir: str, subnet: str, out: str, *, step: int | None = None) 
       "preprocess": {"mean": dataset["mean"], "std": dataset["std"],
                      "rule": "(pixels - mean) / std, pixels in 0..255, NHWC"},
       "params": wmap.num_params(subnet),
+      "batch_norm": (None if "batch_stats" not in variables else
+                     "running averages" if eval_stats is None else
+                     f"recalibrated on {config.get('bn_recalibration_batches')} training batches"),
       "source": {"workdir": os.path.abspath(workdir), "step": step,
                  "dataset": dataset["name"], "model": config.model.to_dict()},
   }

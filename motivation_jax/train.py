@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from motivation_jax import checkpoint, data, models, nesting, sharding, steps
+from motivation_jax import checkpoint, data, models, nesting, recalibration, sharding, steps
 from motivation_jax.controller import Controller
 from motivation_jax.errors import ConfigError, TrainingError
 from motivation_jax.metrics import MetricWriter
@@ -47,6 +47,7 @@ _CHECKS = {
     "seed": (int, "an integer >= 0", lambda v: v >= 0),
     "mock_data_examples": (int, "an integer >= 0", lambda v: v >= 0),
     "data_threads": (int, "an integer >= 0", lambda v: v >= 0),
+    "bn_recalibration_batches": (int, "an integer >= 0", lambda v: v >= 0),
     "learning_rate": (float, "a finite number > 0", lambda v: v > 0),
     "momentum": (float, "a number in [0, 1)", lambda v: 0 <= v < 1),
     "weight_decay": (float, *_NON_NEGATIVE), "warmup_epochs": (float, *_NON_NEGATIVE),
@@ -106,12 +107,24 @@ class Run:
   put: Callable[[Any], Any]        # a host batch -> the global batch on the devices
   train_steps: dict[str, Any]      # "base" | "motivated" -> compiled step
   eval_steps: dict[str, Callable]  # "base" | "motivated" -> jitted eval step
+  # state -> {"base": stats, "motivated": stats} recalibrated, or None (off, or no batch norm)
+  recalibrate: Callable[[steps.TrainState], dict | None]
   flops: dict[str, float]          # per compiled train step, from XLA
   ckpt: checkpoint.Checkpointer
   writer: MetricWriter
   workdir: str
   chief: bool                      # process 0 writes the files
   first_step: int                  # 0, or the batch a resumed run starts at
+
+  _eval_stats: tuple[int, dict | None] | None = None
+
+  def eval_stats(self, state: steps.TrainState) -> dict | None:
+    """The recalibrated statistics of ``state``, computed once per batch count
+    (an evaluation and a checkpoint of the same batch share them)."""
+    step = int(state.step)
+    if self._eval_stats is None or self._eval_stats[0] != step:
+      self._eval_stats = (step, self.recalibrate(state))
+    return self._eval_stats[1]
 
   @property
   def total_steps(self) -> int:
@@ -171,14 +184,34 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, steps.T
                 for name, (shape, dtype) in train_data.global_shapes().items()}
   compiled = {kind: fn.lower(state, batch_spec).compile() for kind, fn in train_steps.items()}
   chief = jax.process_index() == 0
+  put = functools.partial(sharding.global_batch, sharding=batch_sharding)
   run = Run(config=config, dataset=dataset, wmap=wmap, controller=controller,
             train_data=train_data, eval_data=eval_data,
-            put=functools.partial(sharding.global_batch, sharding=batch_sharding),
-            train_steps=compiled, eval_steps=steps.make_eval_steps(model),
+            put=put, train_steps=compiled, eval_steps=steps.make_eval_steps(model),
+            recalibrate=make_recalibrate(config, model, wmap, dataset, batch_sharding, put),
             flops={kind: steps.compiled_flops(c) for kind, c in compiled.items()},
             ckpt=ckpt, writer=MetricWriter(workdir, enabled=chief), workdir=workdir,
             chief=chief, first_step=first_step)
   return run, state
+
+
+def make_recalibrate(config, model, wmap: nesting.WeightsMap, dataset: data.Dataset,
+                     batch_sharding, put) -> Callable[[steps.TrainState], dict | None]:
+  """``state -> recalibrated statistics`` from the config's calibration batches
+  (``motivation_jax.recalibration``); returns None when recalibration is off."""
+  num_batches = config.bn_recalibration_batches
+  recalibrate = recalibration.make_recalibrate(model, wmap)
+  batches = recalibration.calibration_batches(
+      dataset, config.batch_size, seed=config.seed,
+      rows=sharding.process_rows(batch_sharding, config.batch_size))
+
+  def calibrated(state: steps.TrainState) -> dict | None:
+    if num_batches == 0:
+      return None
+    return recalibrate(state, data.prefetch_to_device(
+        batches.iterator(0, num_batches, threads=config.data_threads), put))
+
+  return calibrated
 
 
 def resume(ckpt: checkpoint.Checkpointer, state: steps.TrainState, controller: Controller,
@@ -218,6 +251,7 @@ class PendingMetrics:
     self._lag = controller.config["decision_lag"]
     self._queue: collections.deque = collections.deque()
     self._interval: dict[str, list[float]] = collections.defaultdict(list)
+    self.losses: dict[int, float] = {}  # batch -> training loss, until decisions.jsonl has it
 
   def push(self, t: int, kind: str, metrics: dict[str, jax.Array]) -> None:
     self._queue.append((t, kind, metrics))
@@ -247,6 +281,7 @@ class PendingMetrics:
       raise TrainingError(f"the training loss is {loss} at batch {t} ({kind} step); {kept}; "
                           "lower config.learning_rate")
     self._controller.observe(t, loss)
+    self.losses[t] = loss
     for name, value in metrics.items():
       self._interval[f"{kind}/{name}"].append(float(value))
 
@@ -286,13 +321,18 @@ def log_training(run: Run, step: int, means: dict[str, float], bar: tqdm.tqdm) -
                    if k.endswith("loss")})
 
 
-def evaluate(eval_steps, state, eval_data: data.EvalBatches, put, threads: int
-             ) -> dict[str, float]:
-  """Test accuracy and loss of each sub-network, every test example counted once."""
+def evaluate(eval_steps, state, eval_data: data.EvalBatches, put, threads: int,
+             eval_stats: dict | None = None) -> dict[str, float]:
+  """Test accuracy and loss of each sub-network, every test example counted once,
+  with the batch-norm statistics ``eval_stats`` gives (``{"base": tree,
+  "motivated": tree}``, recalibrated) or else the state's running averages."""
+  variables = {subnet: state.variables(subnet) if eval_stats is None else
+               {"params": state.params, "batch_stats": eval_stats[subnet]}
+               for subnet in eval_steps}
   sums = {k: collections.Counter() for k in eval_steps}
   for batch in data.prefetch_to_device(eval_data.iterator(threads=threads), put):
     for subnet, fn in eval_steps.items():
-      sums[subnet].update(jax.device_get(fn(state.variables(subnet), batch)))
+      sums[subnet].update(jax.device_get(fn(variables[subnet], batch)))
   out = {}
   for subnet, s in sums.items():
     out[f"{subnet}/test_accuracy"] = float(s["correct"] / s["count"])
@@ -300,12 +340,35 @@ def evaluate(eval_steps, state, eval_data: data.EvalBatches, put, threads: int
   return out
 
 
+# Evaluations (counted in eval_every_epochs) that also report the accuracy with
+# the running averages, so that the effect of recalibration is visible; the
+# last evaluation of a run does too.
+COMPARED_EVALUATIONS = 3
+
+
+def evaluate_run(run: Run, state: steps.TrainState, *, compare: bool = False
+                 ) -> dict[str, float]:
+  """``evaluate`` with the run's recalibrated statistics; with ``compare`` (and
+  recalibration on) also with the running averages, as
+  ``{subnet}/test_accuracy_running_stats`` and ``{subnet}/test_loss_running_stats``."""
+  eval_stats = run.eval_stats(state)
+  metrics = evaluate(run.eval_steps, state, run.eval_data, run.put,
+                     run.config.data_threads, eval_stats)
+  if compare and eval_stats is not None:
+    running = evaluate(run.eval_steps, state, run.eval_data, run.put, run.config.data_threads)
+    metrics.update({f"{k}_running_stats": v for k, v in running.items()})
+  return metrics
+
+
 def evaluate_and_log(run: Run, state: steps.TrainState, step: int, bar: tqdm.tqdm
                      ) -> dict[str, float]:
-  metrics = evaluate(run.eval_steps, state, run.eval_data, run.put, run.config.data_threads)
   epoch = step // run.train_data.steps_per_epoch
+  compare = (epoch <= COMPARED_EVALUATIONS * run.config.eval_every_epochs
+             or step == run.total_steps)
+  metrics = evaluate_run(run, state, compare=compare)
   run.writer.write(step, {**metrics, "epoch": epoch})
-  bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+  bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                            if "running_stats" not in k))
   return metrics
 
 
@@ -315,10 +378,12 @@ def save(run: Run, state: steps.TrainState, pending: PendingMetrics, step: int) 
   decisions = run.controller.drain_decisions()
   if run.chief:
     with open(os.path.join(run.workdir, "decisions.jsonl"), "a") as f:
-      f.writelines(json.dumps(d.to_dict()) + "\n" for d in decisions)
+      f.writelines(json.dumps({**d.to_dict(), "loss": pending.losses.pop(d.step)}) + "\n"
+                   for d in decisions)
   run.ckpt.save(step, state=state, controller_state=run.controller.state_dict(),
                 data_position=run.train_data.position(step),
-                config=json.loads(run.config.to_json()), dataset=run.dataset.description())
+                config=json.loads(run.config.to_json()), dataset=run.dataset.description(),
+                eval_stats=run.eval_stats(state))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -327,8 +392,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   run, state = setup(config, workdir)
   state, eval_metrics = train(run, state)
   if not eval_metrics:  # resumed at the end: nothing was trained or evaluated
-    eval_metrics = evaluate(run.eval_steps, state, run.eval_data, run.put,
-                            config.data_threads)
+    eval_metrics = evaluate_run(run, state, compare=True)
   run.close()
   summary = summarize(run, eval_metrics, time.time() - start_time)
   if run.chief:
@@ -360,6 +424,11 @@ def summarize(run: Run, eval_metrics: dict[str, float], wall_time_s: float) -> d
       "large_alone_flops": (counts["base"] + counts["motivated"]) * motivated_only_flops,
       "wall_time_s": wall_time_s,
       "resumed_from_step": run.first_step,
+      # 0 when the test accuracies use the running averages (no batch norm, or off).
+      "bn_recalibration_batches": (run.config.bn_recalibration_batches
+                                   if jax.tree.leaves(run.wmap["batch_stats"]) else 0),
+      # The same accuracies with the running averages, where they differ.
+      **{k: v for k, v in eval_metrics.items() if k.endswith("test_accuracy_running_stats")},
   }
 
 

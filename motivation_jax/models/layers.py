@@ -99,6 +99,10 @@ class NestedBatchNorm(nn.Module):
   (``config.model.batch_norm_stats``, docs/choices.md): its own copy
   (``per_subnet``, the default) or one tree that both read through the view
   (``shared``, the paper's copied buffers).
+
+  With the ``batch_moments`` collection mutable, a train-mode call also
+  returns this batch's mean and variance there (``motivation_jax.recalibration``
+  averages them into statistics each sub-network can trust).
   """
   momentum: float = 0.9
   epsilon: float = 1e-5
@@ -117,6 +121,9 @@ class NestedBatchNorm(nn.Module):
       x32 = x.astype(jnp.float32)
       batch_mean = jnp.mean(x32, axes)
       batch_var = jnp.maximum(jnp.mean(jnp.square(x32), axes) - jnp.square(batch_mean), 0.)
+      if self.is_mutable_collection("batch_moments"):  # recalibration reads these
+        self.put_variable("batch_moments", "mean", batch_mean)
+        self.put_variable("batch_moments", "var", batch_var)
       if self.is_mutable_collection("batch_stats"):
         m = self.momentum
         self._update_stat("mean", m * mean + (1. - m) * batch_mean)

@@ -1,0 +1,107 @@
+"""Batch-norm statistics recomputed for each sub-network before it is evaluated or exported.
+
+Why: a sub-network's running statistics are an exponential average over the
+batches *it* trained on, taken while its parameters moved. The motivated model
+trains on a few percent of the batches, so its averages trail its parameters
+by many updates, and under ``batch_norm_stats="shared"`` each sub-network
+evaluates with statistics the other one wrote. Slimmable networks, US-Nets and
+once-for-all recompute each sub-network's statistics instead: a train-mode
+forward over a few batches, no parameter update, a plain average of the
+batches' means and variances. That is what ``recalibrate`` does
+(docs/choices.md, "Batch-norm recalibration", has the measurement).
+
+Which batches: the first ``config.bn_recalibration_batches`` training batches
+of the run's seed, without augmentation (``calibration_batches``). They are
+fixed, so a resumed run, and an export of its checkpoint, compute the same
+statistics from the same parameters.
+
+The train state is not touched: train steps never read the running statistics
+(they normalise with the batch's), so training is the same with or without
+recalibration. The recalibrated statistics are what evaluation uses; each
+checkpoint keeps them beside the state, and ``motivation_jax.export`` deploys them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterable, Mapping
+
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+
+from motivation_jax import data, nesting
+from motivation_jax.common import SUBNETS
+
+PyTree = Any
+
+
+def calibration_batches(dataset: data.Dataset, batch_size: int, *, seed: int,
+                        rows: slice | None = None) -> data.TrainBatches:
+  """The run's training batches in their seed-fixed order, without augmentation
+  (batches ``0..n-1`` of it are the calibration batches)."""
+  return data.TrainBatches(dataset, batch_size, seed=seed, augment=False, rows=rows)
+
+
+def _moments(variables: Mapping[str, PyTree], images: jax.Array, *, model, subnet: str
+             ) -> PyTree:
+  """This batch's per-channel mean and variance at every batch norm ``subnet``
+  runs (train mode; only the ``batch_moments`` collection is mutable, so
+  nothing in ``variables`` changes)."""
+  _, mutated = model.apply(variables, images, subnet=subnet, train=True,
+                           mutable=["batch_moments"])
+  return mutated["batch_moments"]
+
+
+def make_recalibrate(model, wmap: nesting.WeightsMap
+                     ) -> Callable[[Any, Iterable], dict[str, PyTree] | None]:
+  """``recalibrate(state, batches) -> {"base": stats, "motivated": stats}``.
+
+  ``batches`` are device batches (the calibration batches). Each returned tree
+  has the layout of ``state.subnet_stats(subnet)`` (motivated size): the
+  statistics the sub-network reads are the plain averages of its batch moments
+  over the batches; entries it does not read (outside the base) are left as
+  they were. Returns None for a model without batch norm. One compiled
+  program per sub-network adds each batch's moments to the running sums.
+  """
+  regions = flax.traverse_util.flatten_dict(wmap["batch_stats"])
+  moments = {subnet: functools.partial(_moments, model=model, subnet=subnet)
+             for subnet in SUBNETS}
+
+  def accumulate(sums, variables, images, *, subnet):
+    return jax.tree.map(jnp.add, sums, moments[subnet](variables, images))
+
+  def finish(stats: PyTree, sums: PyTree, count: int) -> PyTree:
+    # A sub-network's moments cover the batch norms it runs (the base skips the
+    # motivated model's extra blocks) at its own width: they go into the
+    # leading slice of the full-size statistics.
+    flat = dict(flax.traverse_util.flatten_dict(stats))
+    for path, total in flax.traverse_util.flatten_dict(sums).items():
+      mean = total / count
+      flat[path] = (mean if mean.shape == flat[path].shape
+                    else regions[path].merge(flat[path], mean))
+    return flax.traverse_util.unflatten_dict(flat)
+
+  steps = {subnet: jax.jit(functools.partial(accumulate, subnet=subnet), donate_argnums=0)
+           for subnet in SUBNETS}
+  finish = jax.jit(finish, static_argnums=2)
+
+  def recalibrate(state, batches: Iterable) -> dict[str, PyTree] | None:
+    if not jax.tree.leaves(state.batch_stats):
+      return None
+    sums, count = None, 0
+    for batch in batches:
+      if sums is None:  # zeros of the moments' shapes, known without running anything
+        sums = {subnet: jax.tree.map(
+            lambda x: jnp.zeros(x.shape, x.dtype),
+            jax.eval_shape(fn, state.variables(subnet), batch["image"]))
+            for subnet, fn in moments.items()}
+      for subnet, step in steps.items():
+        sums[subnet] = step(sums[subnet], state.variables(subnet), batch["image"])
+      count += 1
+    if count == 0:
+      raise ValueError("recalibration needs at least one batch")
+    return {subnet: finish(state.subnet_stats(subnet), sums[subnet], count)
+            for subnet in SUBNETS}
+
+  return recalibrate
