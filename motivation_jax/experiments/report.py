@@ -1,0 +1,404 @@
+"""The report of a suite: report.json (every number), report.md (verdicts
+first, then tables) and plots, from the run records of ``suite.load_run``.
+
+Every interval has the seed as the unit (``stats``); two arms are compared on
+the seeds both ran. A statistic that needs an arm the suite did not run is
+left out, and report.md says which arm it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from motivation_jax.experiments import stats
+from motivation_jax.experiments.suite import ARMS
+
+MODELS = ("base", "motivated")
+SIGNAL_WINDOW = 10  # base batches averaged on each side of a fired batch
+SIGNAL_SPAN = 50  # matched batches are drawn within this many batches of it
+COLORS = dict(zip(ARMS, ("tab:gray", "tab:red", "tab:blue", "tab:orange", "tab:green")))
+
+
+def _by_arm(records: Sequence[Mapping]) -> dict[str, dict[int, Mapping]]:
+  """``{arm: {seed: record}}``, arms in suite order."""
+  out = {arm: {} for arm in ARMS}
+  for r in records:
+    out[r["arm"]][int(r["seed"])] = r
+  return {arm: dict(sorted(runs.items())) for arm, runs in out.items() if runs}
+
+
+def _accuracy(runs: Mapping[int, Mapping], model: str) -> dict[int, float]:
+  return {s: float(r["summary"][f"{model}/test_accuracy"]) for s, r in runs.items()}
+
+
+def _trained(runs: Mapping[int, Mapping], model: str) -> bool:
+  """False for the motivated model of an arm that never trained it (base_alone):
+  its accuracy is that of its initial weights, nothing to plot."""
+  return model == "base" or any(r["summary"]["motivated_steps"] for r in runs.values())
+
+
+def _mean(runs: Mapping[int, Mapping], fn) -> float:
+  return float(np.mean([fn(r["summary"]) for r in runs.values()]))
+
+
+def _comparisons() -> list[tuple[str, str, tuple[str, ...]]]:
+  """(arm, reference, models) of every paired comparison the report makes."""
+  out = [(a, "base_alone", ("base",)) for a in ARMS if a != "base_alone"]
+  # Not base_alone: its motivated model never trains.
+  out += [(a, "large_alone", ("motivated",)) for a in ARMS
+          if a not in ("large_alone", "base_alone")]
+  out += [("motivated", r, MODELS) for r in ("random_times", "random_rate")]
+  return out
+
+
+def _paired(a: Mapping[int, float], b: Mapping[int, float], confidence: float) -> dict:
+  d = stats.paired_difference(a, b, confidence)
+  return {**d, "verdict": stats.verdict(d)}
+
+
+def build_report(records: Sequence[Mapping], meta: Mapping[str, Any], *,
+                 confidence: float = 0.95, signal_window: int = SIGNAL_WINDOW,
+                 signal_span: int = SIGNAL_SPAN) -> dict[str, Any]:
+  """The report as a JSON-ready dict: ``meta``, ``arms``, ``seeds``,
+  ``accuracy``, ``paired``, ``not_measured``, ``cost``, ``signal``, ``claims``."""
+  runs = _by_arm(records)
+  arms = list(runs)
+  report: dict[str, Any] = {
+      "meta": dict(meta), "confidence": confidence, "arms": arms,
+      "seeds": {a: list(runs[a]) for a in arms},
+      "accuracy": {a: {m: stats.mean_ci(list(_accuracy(runs[a], m).values()), confidence)
+                       for m in MODELS} for a in arms},
+      "paired": {}, "not_measured": [],
+  }
+  # paired["motivated - base_alone"]["base"]: the base model's accuracy, same seed.
+  for arm, ref, models in _comparisons():
+    if arm in runs and ref in runs:
+      report["paired"][f"{arm} - {ref}"] = {
+          m: _paired(_accuracy(runs[arm], m), _accuracy(runs[ref], m), confidence)
+          for m in models}
+    elif arm in runs or arm == "motivated":
+      needs = " and ".join(a for a in (arm, ref) if a not in runs)
+      report["not_measured"].append(f"{arm} - {ref}: needs the {needs} arm")
+
+  large_flops = (_mean(runs["large_alone"], lambda s: s["training_flops"])
+                 if "large_alone" in runs else None)
+  report["cost"] = {}
+  for a in arms:
+    flops = _mean(runs[a], lambda s: s["training_flops"])
+    report["cost"][a] = {
+        "n": len(runs[a]), "training_flops": flops,
+        "flops_ratio_to_large_alone": flops / large_flops if large_flops else None,
+        "wall_time_s": _mean(runs[a], lambda s: s["wall_time_s"]),
+        "motivated_fraction": _mean(runs[a], lambda s: s["motivated_steps"]
+                                    / max(s["base_steps"] + s["motivated_steps"], 1)),
+        "activations": _mean(runs[a], lambda s: s["activations"]),
+        # A resumed run's wall time is that of its last process only.
+        "resumed_runs": sum(bool(r["summary"].get("resumed_from_step")) for r in runs[a].values()),
+    }
+
+  signal = {"window": signal_window, "span": signal_span, "phase_steps": meta["phase_steps"],
+            "arms": {}}
+  per_seed = {}
+  for a in ("motivated", "random_times", "random_rate"):
+    if a in runs:
+      per_seed[a] = {s: stats.signal_analysis(r["decisions"], window=signal_window,
+                                              phase_steps=meta["phase_steps"],
+                                              rng_seed=s, span=signal_span)
+                     for s, r in runs[a].items()}
+      signal["arms"][a] = stats.signal_over_seeds(per_seed[a], confidence)
+  if "motivated" in per_seed and "random_times" in per_seed:
+    # The phase itself acts on the drop in both arms; what remains is the choice of batches.
+    values = {a: {s: r["difference"] for s, r in per_seed[a].items()
+                  if r["difference"] is not None} for a in ("motivated", "random_times")}
+    d = stats.paired_difference(values["motivated"], values["random_times"], confidence)
+    signal["motivated - random_times"] = {**d, "verdict": stats.verdict(
+        d, words=stats.SIGNAL_VERDICTS)}
+  report["signal"] = signal
+  report["claims"] = _claims(report)
+  return report
+
+
+def _claim(id_: str, question: str, needs: Sequence[str], report: Mapping, make) -> dict:
+  """A claim; ``make()`` gives (statement, difference, verdict, numbers) when
+  every arm it ``needs`` ran."""
+  missing = [a for a in needs if a not in report["arms"]]
+  out = {"id": id_, "question": question, "needs": list(needs)}
+  if missing:
+    return {**out, "statement": f"Not measured: needs the {' and '.join(missing)} arm.",
+            "difference": None, "verdict": None, "numbers": {}}
+  statement, difference, verdict, numbers = make()
+  return {**out, "statement": statement, "difference": difference, "verdict": verdict,
+          "numbers": numbers}
+
+
+def _claims(report: Mapping) -> list[dict]:
+  acc, paired, cost, signal = (report[k] for k in ("accuracy", "paired", "cost", "signal"))
+
+  def helped_base():
+    d = paired["motivated - base_alone"]["base"]
+    return (f"With motivation the base model's test accuracy changed by {fmt_diff(d)} "
+            f"against the same base trained alone ({_seeds(d)}): {d['verdict']}.",
+            d, d["verdict"], {m: acc[m]["base"]["mean"] for m in ("motivated", "base_alone")})
+
+  def as_good_as_large():
+    d = paired["motivated - large_alone"]["motivated"]
+    ratio = cost["motivated"]["flops_ratio_to_large_alone"]
+    plain = {"helped": "better", "hurt": "worse"}.get(d["verdict"], d["verdict"])
+    return (f"The motivated model's test accuracy differs from the large model trained alone "
+            f"on every batch by {fmt_diff(d)} ({_seeds(d)}): {plain}; its training took "
+            f"{ratio:.1%} of the large model's FLOPs.",
+            d, d["verdict"], {"motivated": acc["motivated"]["motivated"]["mean"],
+                              "large_alone": acc["large_alone"]["motivated"]["mean"],
+                              "flops_ratio_to_large_alone": ratio})
+
+  def when(model):
+    def make():
+      d = paired["motivated - random_times"][model]
+      return (f"Training the motivated model on the condition's batches instead of as many "
+              f"random batches changed the {model} model's test accuracy by {fmt_diff(d)} "
+              f"({_seeds(d)}): {d['verdict']}.",
+              d, d["verdict"], {a: acc[a][model]["mean"] for a in ("motivated", "random_times")})
+    return make
+
+  def signal_claim():
+    s = signal["arms"]["motivated"]
+    if s["n"] == 0:
+      return ("No fired batch of the motivated arm had enough base batches on both sides "
+              "to be measured.", None, s["verdict"], {})
+    numbers = {"fired": float(np.mean([r["fired"] for r in s["per_seed"].values()]))}
+    if "random_times" in signal["arms"]:
+      numbers["random_times_difference"] = signal["arms"]["random_times"]["mean"]
+    return (f"Over the {signal['window']} base batches after a fired batch's phase, the base's "
+            f"training loss fell by {fmt_diff(s)} more than after nearby batches where the "
+            f"condition did not fire ({_seeds(s)}): {s['verdict']}.",
+            {k: s[k] for k in ("n", "mean", "sd", "low", "high", "confidence", "seeds")},
+            s["verdict"], numbers)
+
+  return [
+      _claim("motivation_helped_base", "Did motivation help the base model?",
+             ("motivated", "base_alone"), report, helped_base),
+      _claim("motivated_as_good_as_large",
+             "Is the motivated model as good as the large model trained alone, and at what cost?",
+             ("motivated", "large_alone"), report, as_good_as_large),
+      _claim("when_matters_base", "Does it matter when the motivated model trains (base model)?",
+             ("motivated", "random_times"), report, when("base")),
+      _claim("when_matters_motivated",
+             "Does it matter when the motivated model trains (motivated model)?",
+             ("motivated", "random_times"), report, when("motivated")),
+      _claim("condition_picks_drops",
+             "Does the condition pick moments followed by bigger drops of the training loss?",
+             ("motivated",), report, signal_claim),
+  ]
+
+
+# Formatting.
+
+def _signed(x: float) -> str:
+  return f"{x:+.4f}".replace("-", "\u2212")
+
+
+def fmt_diff(d: Mapping) -> str:
+  """'+0.0031 [−0.0010, +0.0072]'; '+0.0031 (no interval)' for one seed."""
+  if d["mean"] is None:
+    return "not measured"
+  if d["low"] is None:
+    return f"{_signed(d['mean'])} (no interval)"
+  return f"{_signed(d['mean'])} [{_signed(d['low'])}, {_signed(d['high'])}]"
+
+
+def fmt_acc(d: Mapping) -> str:
+  """'0.9812 ± 0.0020' (the interval's half-width)."""
+  if d["high"] is None:
+    return f"{d['mean']:.4f} (one seed)"
+  return f"{d['mean']:.4f} ± {d['high'] - d['mean']:.4f}"
+
+
+def fmt_flops(x: float) -> str:
+  """'1.23e12'."""
+  mantissa, exponent = f"{x:.2e}".split("e")
+  return f"{mantissa}e{int(exponent)}"
+
+
+def _seeds(d: Mapping) -> str:
+  return f"{d['n']} seed{'s' if d['n'] != 1 else ''}"
+
+
+# Plots: each a Figure drawn on its own Agg canvas (no pyplot global state).
+
+def _save(fig: Figure, path: str) -> str:
+  FigureCanvasAgg(fig)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  return path
+
+
+def plot_accuracy_over_training(runs: Mapping, path: str) -> str | None:
+  """Test accuracy of both models against the batch, per arm: thin lines per
+  seed, a thick line for the mean over seeds at the batches all seeds evaluated."""
+  if not any(r["evals"] for a in runs for r in runs[a].values()):
+    return None
+  fig = Figure(figsize=(11, 4))
+  axes = [fig.add_subplot(1, 2, i + 1) for i in range(2)]
+  for ax, model in zip(axes, MODELS):
+    key = f"{model}/test_accuracy"
+    for arm, by_seed in runs.items():
+      if not _trained(by_seed, model):
+        continue
+      curves = [{e["step"]: e[key] for e in r["evals"] if key in e} for r in by_seed.values()]
+      for c in curves:
+        ax.plot(list(c), list(c.values()), color=COLORS[arm], lw=0.6, alpha=0.35)
+      common = sorted(set.intersection(*(set(c) for c in curves)))
+      if common:
+        ax.plot(common, [np.mean([c[s] for c in curves]) for s in common],
+                color=COLORS[arm], lw=2, label=arm)
+    ax.set(title=f"{model} model", xlabel="batch", ylabel="test accuracy")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)  # the base model trains in every arm
+  return _save(fig, path)
+
+
+def plot_activation_timeline(runs: Mapping, path: str) -> str | None:
+  """Per-batch training loss of the lowest seed of the ``motivated`` arm,
+  base and motivated batches apart, with a rug at the motivated batches."""
+  if "motivated" not in runs:
+    return None
+  seed, record = next(iter(runs["motivated"].items()))
+  fig = Figure(figsize=(11, 4))
+  ax = fig.add_subplot(1, 1, 1)
+  for kind, color in (("base", "tab:gray"), ("motivated", "tab:red")):
+    d = [(x["step"], x["loss"]) for x in record["decisions"] if x["kind"] == kind]
+    ax.plot([s for s, _ in d], [l for _, l in d], ".", ms=2, color=color,
+            label=f"{kind} batches ({len(d)})")
+  motivated = [x["step"] for x in record["decisions"] if x["kind"] == "motivated"]
+  ax.vlines(motivated, 0, 0.04, transform=ax.get_xaxis_transform(), color="tab:red", lw=0.5)
+  ax.set(title=f"motivated arm, seed {seed}: training loss per batch", xlabel="batch",
+         ylabel="training loss (of the network that trained)")
+  ax.legend(fontsize=8, markerscale=4)
+  return _save(fig, path)
+
+
+def plot_accuracy_vs_flops(runs: Mapping, path: str) -> str | None:
+  """Final test accuracy against training FLOPs: a point per run and model."""
+  if not runs:
+    return None
+  fig = Figure(figsize=(7, 5))
+  ax = fig.add_subplot(1, 1, 1)
+  markers = {"base": "o", "motivated": "^"}
+  for arm, by_seed in runs.items():
+    for r in by_seed.values():
+      for model in MODELS:
+        if not _trained({0: r}, model):
+          continue
+        ax.plot(r["summary"]["training_flops"], r["summary"][f"{model}/test_accuracy"],
+                markers[model], color=COLORS[arm], alpha=0.8)
+  if all(r["summary"]["training_flops"] > 0 for a in runs for r in runs[a].values()):
+    ax.set_xscale("log")
+  handles = [Line2D([], [], ls="", marker="s", color=COLORS[a], label=a) for a in runs]
+  handles += [Line2D([], [], ls="", marker=markers[m], color="k", label=f"{m} model")
+              for m in MODELS]
+  ax.legend(handles=handles, fontsize=8)
+  ax.set(xlabel="training FLOPs", ylabel="final test accuracy", title="accuracy against cost")
+  ax.grid(alpha=0.3)
+  return _save(fig, path)
+
+
+PLOTS = (("accuracy_over_training.png", "Test accuracy over training", plot_accuracy_over_training),
+         ("activation_timeline.png", "When the motivated model trained", plot_activation_timeline),
+         ("accuracy_vs_flops.png", "Accuracy against training FLOPs", plot_accuracy_vs_flops))
+
+
+def _markdown(report: Mapping, plots: Sequence[tuple[str, str]]) -> str:
+  meta, pct = report["meta"], f"{report['confidence']:.0%}"
+  lines = [
+      "# Motivated training: suite report", "",
+      f"- command: `{meta['command']}`",
+      f"- config: `{meta['config']}`" + "".join(f" `{o}`" for o in meta.get("overrides", [])),
+      f"- machine: {meta['machine']}",
+      f"- seeds: {', '.join(map(str, meta['seeds']))}; arms: {', '.join(report['arms'])}", "",
+      f"Intervals are {pct} Student-t intervals with the seed as the unit; two arms are "
+      "compared seed by seed, on the seeds both ran. \"no difference detectable\" means the "
+      "interval contains 0, not that the two are equal.", "",
+      "## Verdicts", "",
+  ]
+  for i, c in enumerate(report["claims"], 1):
+    lines.append(f"{i}. **{c['question']}** {c['statement']}")
+
+  lines += ["", f"## Test accuracy (mean ± half-width of the {pct} interval)", "",
+            "| arm | seeds | base model | motivated model |", "|---|---|---|---|"]
+  for a, acc in report["accuracy"].items():
+    motivated = (fmt_acc(acc["motivated"]) if report["cost"][a]["motivated_fraction"] > 0
+                 else "never trained")
+    lines.append(f"| {a} | {acc['base']['n']} | {fmt_acc(acc['base'])} | {motivated} |")
+
+  lines += ["", "## Paired differences of test accuracy (same seed)", "",
+            f"| comparison | model | seeds | difference [{pct} interval] | verdict |",
+            "|---|---|---|---|---|"]
+  for name, by_model in report["paired"].items():
+    for model, d in by_model.items():
+      lines.append(f"| {name} | {model} | {d['n']} | {fmt_diff(d)} | {d['verdict']} |")
+  if report["not_measured"]:
+    lines += ["", "Not measured:"] + [f"- {n}" for n in report["not_measured"]]
+
+  lines += ["", "## Cost (mean over seeds)", "",
+            "| arm | training FLOPs | / large_alone | wall time (s) | motivated fraction "
+            "| activations |", "|---|---|---|---|---|---|"]
+  for a, c in report["cost"].items():
+    ratio = c["flops_ratio_to_large_alone"]
+    ratio = "" if ratio is None else f"{ratio:.1%}"
+    lines.append(f"| {a} | {fmt_flops(c['training_flops'])} | {ratio} | {c['wall_time_s']:.1f} "
+                 f"| {c['motivated_fraction']:.3f} | {c['activations']:.1f} |")
+  if "large_alone" not in report["cost"]:
+    lines.append("\nThe ratio to the large model's FLOPs needs the large_alone arm.")
+  resumed = sum(c["resumed_runs"] for c in report["cost"].values())
+  if resumed:
+    lines.append(f"\n{resumed} run(s) were resumed: their wall time is that of the last "
+                 "process only.")
+
+  s = report["signal"]
+  lines += ["", "## Does the signal matter?", "",
+            f"Drop = mean training loss of the {s['window']} base batches before a batch minus "
+            f"that of the {s['window']} base batches after the phase it starts "
+            f"({s['phase_steps']} batches); fired batches against one batch drawn within "
+            f"±{s['span']} batches where the condition did not fire. The phase itself also "
+            "acts on the drop: the random_times arm shows the drop after phases at random "
+            "batches (docstring of `stats.signal_analysis`).", "",
+            f"| arm | seeds | fired batches (mean) | difference of drops [{pct} interval] "
+            "| verdict |", "|---|---|---|---|---|"]
+  for a, r in s["arms"].items():
+    fired = np.mean([p["fired"] for p in r["per_seed"].values()])
+    lines.append(f"| {a} | {r['n']} | {fired:.1f} | {fmt_diff(r)} | {r['verdict']} |")
+  if not s["arms"]:
+    lines.append("\nNot measured: needs the motivated arm.")
+  if "motivated - random_times" in s:
+    d = s["motivated - random_times"]
+    lines.append(f"\nmotivated - random_times, same seed (what choosing the batches adds to "
+                 f"the phase's own effect): {fmt_diff(d)} ({_seeds(d)}): {d['verdict']}.")
+
+  if plots:
+    lines += ["", "## Plots", ""] + [f"![{title}]({name})\n" for name, title in plots]
+  return "\n".join(lines) + "\n"
+
+
+def write_report(report: Mapping, records: Sequence[Mapping], out_dir: str) -> list[str]:
+  """Writes report.md, report.json and the plots whose arms ran into
+  ``out_dir``; gives their paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  runs = _by_arm(records)
+  plots, paths = [], []
+  for name, title, plot in PLOTS:
+    if plot(runs, os.path.join(out_dir, name)):
+      plots.append((name, title))
+      paths.append(os.path.join(out_dir, name))
+  md, js = os.path.join(out_dir, "report.md"), os.path.join(out_dir, "report.json")
+  with open(md, "w") as f:
+    f.write(_markdown(report, plots))
+  with open(js, "w") as f:
+    json.dump(report, f, indent=2)
+  return [md, js] + paths

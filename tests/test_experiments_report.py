@@ -1,0 +1,181 @@
+"""The suite's report from synthetic run records: files, numbers, verdicts."""
+
+import json
+
+import numpy as np
+import pytest
+
+from motivation_jax.experiments import report, stats
+
+ARMS = ("base_alone", "motivated", "large_alone", "random_rate", "random_times")
+BATCHES, PHASE_STEPS = 240, 2
+# Final test accuracies (base model, motivated model) per arm, for seeds 0, 1, 2:
+# motivation adds 0.02-0.03 to the base; the motivated model is within noise
+# of the large one.
+ACCURACY = {
+    "base_alone": ([0.80, 0.82, 0.81], [0.10, 0.10, 0.10]),  # the motivated model never trains
+    "motivated": ([0.82, 0.85, 0.83], [0.88, 0.85, 0.87]),
+    "large_alone": ([0.50, 0.52, 0.51], [0.87, 0.86, 0.88]),
+    "random_rate": ([0.81, 0.82, 0.82], [0.86, 0.85, 0.86]),
+    "random_times": ([0.815, 0.83, 0.82], [0.86, 0.86, 0.85]),
+}
+FLOPS = {"base": 1e9, "motivated": 4e9}
+
+
+def _record(arm, seed):
+  rng = np.random.default_rng([seed, ARMS.index(arm)])
+  # Phases of PHASE_STEPS batches start at 20, 40, ..., 220; large_alone: every
+  # batch is motivated; base_alone: none. The loss falls, with noise.
+  every = {"base_alone": None, "large_alone": 1}.get(arm, 20)
+  decisions, phase = [], 0
+  for t in range(BATCHES):
+    loss = float(2.0 * np.exp(-t / 100) + 0.05 * rng.normal())
+    if phase:
+      phase -= 1
+      decisions.append({"step": t, "kind": "motivated", "score": 0.0, "reason": "phase",
+                        "loss": loss})
+    elif every and t >= (0 if every == 1 else 10) and t % every == 0:
+      phase = PHASE_STEPS - 1
+      decisions.append({"step": t, "kind": "motivated", "score": 3.0, "reason": "condition",
+                        "loss": loss})
+    else:
+      decisions.append({"step": t, "kind": "base", "score": 0.0, "reason": "condition",
+                        "loss": loss})
+  counts = {k: sum(d["kind"] == k for d in decisions) for k in ("base", "motivated")}
+  base, motivated = (ACCURACY[arm][i][seed] for i in (0, 1))
+  evals = [{"step": s, "epoch": e, "base/test_accuracy": base * (e + 1) / 4,
+            "motivated/test_accuracy": motivated * (e + 1) / 4}
+           for e, s in enumerate(range(59, BATCHES, 60))]
+  summary = {
+      "base/test_accuracy": base, "motivated/test_accuracy": motivated,
+      "base_steps": counts["base"], "motivated_steps": counts["motivated"],
+      "activations": sum(d["reason"] == "condition" and d["kind"] == "motivated"
+                         for d in decisions),
+      "training_flops": counts["base"] * FLOPS["base"] + counts["motivated"] * FLOPS["motivated"],
+      "large_alone_flops": BATCHES * FLOPS["motivated"], "wall_time_s": 10.0 + seed,
+      "flops_per_step": FLOPS, "params": {"base": 1000, "motivated": 4000},
+      "dataset": "synthetic"}
+  return {"arm": arm, "seed": seed, "workdir": f"/tmp/{arm}-seed{seed}", "summary": summary,
+          "evals": evals, "decisions": decisions}
+
+
+def _records(arms=ARMS, seeds=(0, 1, 2)):
+  return [_record(a, s) for s in seeds for a in arms]
+
+
+def _meta(arms=ARMS, seeds=(0, 1, 2)):
+  return {"config": "configs/default.py", "overrides": ["--config.num_epochs=1"],
+          "seeds": list(seeds), "arms": list(arms), "machine": "test machine",
+          "command": "python -m motivation_jax.experiments --seeds=3", "phase_steps": PHASE_STEPS}
+
+
+def _is_png(path):
+  data = open(path, "rb").read()
+  return len(data) > 100 and data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_full_report_has_its_files_numbers_and_verdicts(tmp_path):
+  records = _records()
+  rep = report.build_report(records, _meta())
+  paths = report.write_report(rep, records, str(tmp_path))
+  names = {"report.md", "report.json", "accuracy_over_training.png",
+           "activation_timeline.png", "accuracy_vs_flops.png"}
+  assert {p.rsplit("/", 1)[-1] for p in paths} == names
+  for name in names - {"report.md", "report.json"}:
+    assert _is_png(tmp_path / name), name
+
+  data = json.loads((tmp_path / "report.json").read_text())
+  assert data["meta"] == _meta()
+  acc = {a: {s: v for s, v in enumerate(ACCURACY[a][0])} for a in ARMS}
+  assert data["accuracy"]["motivated"]["base"] == pytest.approx(
+      stats.mean_ci(ACCURACY["motivated"][0]))
+  helped = data["paired"]["motivated - base_alone"]["base"]
+  # Differences 0.02, 0.03, 0.02: mean 0.0233333, sd 0.0057735, half
+  # 4.302653 * 0.0057735 / sqrt(3) = 0.0143422: [0.0089912, 0.0376755], above 0.
+  assert (helped["mean"], helped["low"], helped["high"]) == pytest.approx(
+      (0.0233333, 0.0089912, 0.0376755), abs=1e-6)
+  assert helped["verdict"] == "helped"
+  expected = stats.paired_difference(acc["motivated"], acc["base_alone"])
+  assert helped["seeds"] == expected["seeds"] == [0, 1, 2]
+  for key in ("mean", "sd", "low", "high"):
+    assert helped[key] == pytest.approx(expected[key]), key
+  # Motivated model, motivated - large_alone: 0.01, -0.01, -0.01: interval around 0.
+  vs_large = data["paired"]["motivated - large_alone"]["motivated"]
+  assert vs_large["differences"] == pytest.approx([0.01, -0.01, -0.01])
+  assert vs_large["verdict"] == "no difference detectable"
+  assert set(data["paired"]["motivated - random_times"]) == {"base", "motivated"}
+  assert "base_alone - large_alone" not in data["paired"]  # its motivated model never trains
+  assert data["not_measured"] == []
+
+  # large_alone trains the motivated model on every batch: its ratio is 1.
+  cost = data["cost"]
+  assert cost["large_alone"]["flops_ratio_to_large_alone"] == pytest.approx(1.0)
+  # The motivated arm: phases of 2 at batches 20, 40, ..., 220: 22 motivated,
+  # 218 base batches; (218 * 1e9 + 22 * 4e9) / (240 * 4e9) = 306 / 960.
+  assert cost["motivated"]["motivated_fraction"] == pytest.approx(22 / 240)
+  assert cost["motivated"]["flops_ratio_to_large_alone"] == pytest.approx(0.31875)
+  assert cost["motivated"]["training_flops"] == pytest.approx(306e9)
+  assert cost["base_alone"]["wall_time_s"] == pytest.approx(11.0)
+
+  signal = data["signal"]["arms"]["motivated"]
+  per_seed = {seed: stats.signal_analysis(r["decisions"], window=report.SIGNAL_WINDOW,
+                                          phase_steps=PHASE_STEPS, rng_seed=seed,
+                                          span=report.SIGNAL_SPAN)
+              for seed, r in enumerate(r for r in records if r["arm"] == "motivated")}
+  assert signal["mean"] == pytest.approx(stats.signal_over_seeds(per_seed)["mean"])
+  assert signal["per_seed"]["0"]["fired"] == 11  # batches 20, 40, ..., 220
+  assert "motivated - random_times" in data["signal"]
+
+  claims = {c["id"]: c for c in data["claims"]}
+  assert len(claims) == 5 and all(c["verdict"] for c in claims.values())
+  assert claims["motivation_helped_base"]["verdict"] == "helped"
+  assert "+0.0233 [+0.0090, +0.0377]" in claims["motivation_helped_base"]["statement"]
+
+  md = (tmp_path / "report.md").read_text()
+  assert md.index("## Verdicts") < md.index("## Test accuracy")
+  assert "(3 seeds): helped." in md and "(3 seeds): no difference detectable" in md
+  assert "`python -m motivation_jax.experiments --seeds=3`" in md and "test machine" in md
+  for name in names - {"report.md", "report.json"}:
+    assert f"]({name})" in md
+  # Both columns: sd 0.0152753, half 4.302653 * 0.0152753 / sqrt(3) = 0.0379462.
+  assert "| motivated | 3 | 0.8333 ± 0.0379 | 0.8667 ± 0.0379 |" in md
+
+
+def test_absent_arms_leave_their_statistics_and_plots_out(tmp_path):
+  arms = ("base_alone",)
+  records = _records(arms, seeds=(0, 1))
+  rep = report.build_report(records, _meta(arms, seeds=(0, 1)))
+  paths = report.write_report(rep, records, str(tmp_path))
+  assert not (tmp_path / "activation_timeline.png").exists()
+  assert {p.rsplit("/", 1)[-1] for p in paths} == {
+      "report.md", "report.json", "accuracy_over_training.png", "accuracy_vs_flops.png"}
+  assert rep["paired"] == {} and rep["signal"]["arms"] == {}
+  assert all(c["verdict"] is None for c in rep["claims"])
+  assert rep["cost"]["base_alone"]["flops_ratio_to_large_alone"] is None
+  md = (tmp_path / "report.md").read_text()
+  assert "needs the motivated arm" in md and "needs the large_alone arm" in md
+  assert "activation_timeline.png" not in md
+
+
+def test_a_seed_missing_from_one_arm_is_left_out_of_its_pairs_and_one_seed_has_no_interval(
+    tmp_path):
+  arms = ("base_alone", "motivated")
+  records = [r for r in _records(arms) if not (r["arm"] == "base_alone" and r["seed"] > 0)]
+  records[0]["summary"]["resumed_from_step"] = 120
+  rep = report.build_report(records, _meta(arms))
+  d = rep["paired"]["motivated - base_alone"]["base"]
+  assert d["seeds"] == [0] and d["low"] is None
+  assert d["verdict"] == "no difference detectable (one seed: no interval)"
+  assert "needs the large_alone arm" in " ".join(rep["not_measured"])
+  report.write_report(rep, records, str(tmp_path))
+  md = (tmp_path / "report.md").read_text()
+  assert "| +0.0200 (no interval) | no difference detectable (one seed: no interval) |" in md
+  assert "| base_alone | 1 | 0.8000 (one seed) | never trained |" in md
+  assert "1 run(s) were resumed" in md
+
+
+def test_number_formats():
+  assert report.fmt_diff({"mean": 0.0031, "low": -0.001, "high": 0.0072}) == \
+      "+0.0031 [\u22120.0010, +0.0072]"
+  assert report.fmt_flops(1.2345e12) == "1.23e12"
+  assert report.fmt_acc(stats.mean_ci([0.98, 0.98])) == "0.9800 ± 0.0000"
