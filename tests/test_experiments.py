@@ -1,0 +1,158 @@
+"""The experiments command end to end: every arm over two seeds, reuse, resume, report."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from motivation_jax import config_lib, train
+from motivation_jax.errors import ConfigError
+from motivation_jax.experiments import suite
+
+from conftest import ROOT
+
+# A tiny MLP run on digits: 2 epochs of 11 batches, the condition firing on a
+# loss that fell twice in a row.
+TINY_CONFIG = f'''
+import os
+from motivation_jax import config_lib
+
+def get_config():
+  config = config_lib.load_config_file({os.path.join(ROOT, "configs", "default.py")!r})
+  config.model.name = "mlp"
+  config.model.base = {{"widths": (16,)}}
+  config.model.motivated = {{"widths": (32, 32)}}
+  config.optimizer = "adamw"
+  config.learning_rate = 3e-3
+  config.batch_size = 128
+  config.num_epochs = 2
+  config.log_every_steps = 5
+  config.checkpoint_every_epochs = 1
+  config.motivation.loss_streak.k = 2
+  return config
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """``(config file, config, suite workdir, records, trained)``: both seeds of every
+  arm, run once for the module; ``trained`` lists the (arm, seed) runs trained."""
+  root = tmp_path_factory.mktemp("suite")
+  path = root / "tiny.py"
+  path.write_text(TINY_CONFIG)
+  config = config_lib.load_config_file(str(path))
+  trained = []
+
+  def train_fn(c, directory):
+    trained.append((os.path.basename(directory), c.seed))
+    return train.train_and_evaluate(c, directory)
+
+  workdir = root / "suite"
+  records = suite.run_suite(config, [0, 1], str(workdir), train_fn=train_fn, log=lambda _: None)
+  return path, config, workdir, records, trained
+
+
+def test_every_arm_runs_for_every_seed_with_its_own_motivation(tiny):
+  _, config, workdir, records, trained = tiny
+  assert [(r["arm"], r["seed"]) for r in records] == [
+      (arm, seed) for seed in (0, 1) for arm in suite.ARMS]
+  assert len(trained) == 10
+  by = {(r["arm"], r["seed"]): r for r in records}
+  steps = 2 * (1437 // 128)
+  for (arm, seed), r in by.items():
+    s = r["summary"]
+    assert s["base_steps"] + s["motivated_steps"] == steps == len(r["decisions"])
+    assert [d["step"] for d in r["decisions"]] == list(range(steps))
+    assert all(isinstance(d["loss"], float) for d in r["decisions"])
+    assert [e["epoch"] for e in r["evals"]] == [1, 2]
+    saved = json.load(open(os.path.join(r["workdir"], "checkpoints", str(steps), "config",
+                                        "metadata")))
+    assert saved["seed"] == seed
+  for seed in (0, 1):
+    motivated = by["motivated", seed]["summary"]
+    assert motivated["activations"] > 0
+    assert by["base_alone", seed]["summary"]["motivated_steps"] == 0
+    assert by["large_alone", seed]["summary"]["base_steps"] == 0
+    # Experiment B: as many activations as the motivated run, elsewhere.
+    replayed = by["random_times", seed]
+    fired = [d["step"] for d in replayed["decisions"] if d["kind"] == "motivated"]
+    assert len(fired) == motivated["activations"]
+    assert fired != [d["step"] for d in by["motivated", seed]["decisions"]
+                     if d["kind"] == "motivated"]
+    # Experiment A: the motivated run's firing rate as the coin's p.
+    rate = json.load(open(os.path.join(by["random_rate", seed]["workdir"], "checkpoints",
+                                       str(steps), "config", "metadata")))["motivation"]
+    assert rate["condition"] == "random" and rate["random"]["seed"] == seed
+    assert rate["random"]["p"] == pytest.approx(motivated["activations"] / steps)
+  # Same seed, same data and initial weights: before any motivated batch, the
+  # base_alone and motivated arms train the same base on the same first batch.
+  assert by["base_alone", 0]["decisions"][0]["loss"] == by["motivated", 0]["decisions"][0]["loss"]
+
+
+def test_an_interrupted_suite_reuses_finished_runs_and_resumes_the_rest(tiny, tmp_path):
+  _, config, workdir, records, _ = tiny
+  copy = tmp_path / "suite"
+  shutil.copytree(workdir, copy)
+  # "Killed" after its first checkpoint: no summary, the last checkpoint gone.
+  killed = suite.run_dir(str(copy), "random_times", 1)
+  os.remove(os.path.join(killed, "summary.json"))
+  shutil.rmtree(os.path.join(killed, "checkpoints", str(2 * 11)))
+  trained = []
+
+  def train_fn(c, directory):
+    trained.append(directory)
+    return train.train_and_evaluate(c, directory)
+
+  again = suite.run_suite(config, [0, 1], str(copy), train_fn=train_fn, log=lambda _: None)
+  assert trained == [killed]
+  resumed = json.load(open(os.path.join(killed, "summary.json")))
+  assert resumed["resumed_from_step"] == 11
+  before = {(r["arm"], r["seed"]): r["summary"] for r in records}
+  after = {(r["arm"], r["seed"]): r["summary"] for r in again}
+  assert after["random_times", 1]["motivated_steps"] == before["random_times", 1][
+      "motivated_steps"]
+  assert after["random_times", 1]["motivated/test_accuracy"] == before["random_times", 1][
+      "motivated/test_accuracy"]
+  # Another config in the same directory is refused, naming what differs.
+  config.num_epochs = 3
+  with pytest.raises(ConfigError, match="num_epochs"):
+    suite.run_suite(config, [0], str(copy), train_fn=train_fn)
+  config.num_epochs = 2
+
+
+def test_unknown_arms_are_refused():
+  with pytest.raises(ConfigError, match="--arms must name some of"):
+    suite.check_arms(["motivated", "bogus"])
+  assert suite.check_arms(["random_rate"]) == ("motivated", "random_rate")
+
+
+def test_the_command_writes_the_report_from_the_finished_runs(tiny, tmp_path):
+  path, _, workdir, _, _ = tiny
+  copy = tmp_path / "suite"
+  shutil.copytree(workdir, copy)
+  out = subprocess.run(
+      [sys.executable, "-m", "motivation_jax.experiments", f"--config={path}", "--seeds=2",
+       f"--workdir={copy}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "training in" not in out.stdout  # every run was reused
+  for name in ("report.md", "report.json", "accuracy_over_training.png",
+               "activation_timeline.png", "accuracy_vs_flops.png"):
+    assert (copy / name).stat().st_size > 0, name
+  data = json.load(open(copy / "report.json"))
+  assert data["meta"]["seeds"] == [0, 1]
+  assert "--seeds=2" in data["meta"]["command"]
+  assert "motivation_jax.experiments" in (copy / "report.md").read_text()
+
+
+def test_the_command_refuses_bad_arms_in_one_line(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "motivation_jax.experiments", "--config=configs/default.py",
+       "--arms=motivated,bogus", f"--workdir={tmp_path}"],
+      capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines() == [
+      "error: --arms must name some of base_alone, motivated, large_alone, random_rate, "
+      "random_times; got motivated, bogus"]
