@@ -105,6 +105,7 @@ def test_the_full_report_has_its_files_numbers_and_verdicts(tmp_path):
   assert vs_large["verdict"] == "no difference detectable"
   assert set(data["paired"]["motivated - random_times"]) == {"base", "motivated"}
   assert "base_alone - large_alone" not in data["paired"]  # its motivated model never trains
+  assert "large_alone - base_alone" not in data["paired"]  # its base never trains alone
   assert data["not_measured"] == []
 
   # large_alone trains the motivated model on every batch: its ratio is 1.
@@ -139,6 +140,8 @@ def test_the_full_report_has_its_files_numbers_and_verdicts(tmp_path):
     assert f"]({name})" in md
   # Both columns: sd 0.0152753, half 4.302653 * 0.0152753 / sqrt(3) = 0.0379462.
   assert "| motivated | 3 | 0.8333 ± 0.0379 | 0.8667 ± 0.0379 |" in md
+  assert "| large_alone | 3 | (0.5100 ± 0.0248: never trained on its own) |" in md
+  assert "(2 batches); fired" in md
 
 
 def test_absent_arms_leave_their_statistics_and_plots_out(tmp_path):

@@ -39,9 +39,12 @@ def _accuracy(runs: Mapping[int, Mapping], model: str) -> dict[int, float]:
 
 
 def _trained(runs: Mapping[int, Mapping], model: str) -> bool:
-  """False for the motivated model of an arm that never trained it (base_alone):
-  its accuracy is that of its initial weights, nothing to plot."""
-  return model == "base" or any(r["summary"]["motivated_steps"] for r in runs.values())
+  """Whether the arm trained ``model`` as a model of its own: not the motivated
+  model of base_alone (never trained: its initial weights), nor the base of
+  large_alone (trained only as part of the large network, never on its own
+  output; a base view of it scores near chance). Neither is plotted."""
+  key = "base_steps" if model == "base" else "motivated_steps"
+  return any(r["summary"][key] for r in runs.values())
 
 
 def _mean(runs: Mapping[int, Mapping], fn) -> float:
@@ -50,7 +53,8 @@ def _mean(runs: Mapping[int, Mapping], fn) -> float:
 
 def _comparisons() -> list[tuple[str, str, tuple[str, ...]]]:
   """(arm, reference, models) of every paired comparison the report makes."""
-  out = [(a, "base_alone", ("base",)) for a in ARMS if a != "base_alone"]
+  # Not large_alone: its base never trains on its own.
+  out = [(a, "base_alone", ("base",)) for a in ARMS if a not in ("base_alone", "large_alone")]
   # Not base_alone: its motivated model never trains.
   out += [(a, "large_alone", ("motivated",)) for a in ARMS
           if a not in ("large_alone", "base_alone")]
@@ -240,27 +244,43 @@ def _save(fig: Figure, path: str) -> str:
 
 
 def plot_accuracy_over_training(runs: Mapping, path: str) -> str | None:
-  """Test accuracy of both models against the batch, per arm: thin lines per
-  seed, a thick line for the mean over seeds at the batches all seeds evaluated."""
+  """Test accuracy of both models against the batch, per arm that trained the
+  model: thin lines per seed, a thick line for the mean over seeds at the
+  batches all seeds evaluated. The bottom row zooms into the second half of
+  training, where the arms differ by a point or less."""
   if not any(r["evals"] for a in runs for r in runs[a].values()):
     return None
-  fig = Figure(figsize=(11, 4))
-  axes = [fig.add_subplot(1, 2, i + 1) for i in range(2)]
-  for ax, model in zip(axes, MODELS):
+  fig = Figure(figsize=(11, 7))
+  for column, model in enumerate(MODELS):
     key = f"{model}/test_accuracy"
+    full, zoom = fig.add_subplot(2, 2, column + 1), fig.add_subplot(2, 2, column + 3)
+    last, late = 0, []
     for arm, by_seed in runs.items():
       if not _trained(by_seed, model):
         continue
       curves = [{e["step"]: e[key] for e in r["evals"] if key in e} for r in by_seed.values()]
-      for c in curves:
-        ax.plot(list(c), list(c.values()), color=COLORS[arm], lw=0.6, alpha=0.35)
+      last = max([last] + [s for c in curves for s in c])
       common = sorted(set.intersection(*(set(c) for c in curves)))
-      if common:
-        ax.plot(common, [np.mean([c[s] for c in curves]) for s in common],
-                color=COLORS[arm], lw=2, label=arm)
-    ax.set(title=f"{model} model", xlabel="batch", ylabel="test accuracy")
-    ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=8)  # the base model trains in every arm
+      for ax in (full, zoom):
+        for c in curves:
+          ax.plot(list(c), list(c.values()), color=COLORS[arm], lw=0.6, alpha=0.35)
+        if common:
+          ax.plot(common, [np.mean([c[s] for c in curves]) for s in common],
+                  color=COLORS[arm], lw=2, label=arm)
+      late += [(s, v) for c in curves for s, v in c.items()]
+    full.set(title=f"{model} model", ylabel="test accuracy")
+    zoom.set(title=f"{model} model, second half (zoomed)", xlabel="batch",
+             ylabel="test accuracy")
+    late = [v for s, v in late if s >= last / 2]
+    if late:
+      low, high = min(late), max(late)
+      pad = max(high - low, 1e-3) * 0.1
+      zoom.set_xlim(last / 2, last * 1.01)
+      zoom.set_ylim(low - pad, high + pad)
+    for ax in (full, zoom):
+      ax.grid(alpha=0.3)
+      if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
   return _save(fig, path)
 
 
@@ -294,7 +314,7 @@ def plot_accuracy_vs_flops(runs: Mapping, path: str) -> str | None:
   for arm, by_seed in runs.items():
     for r in by_seed.values():
       for model in MODELS:
-        if not _trained({0: r}, model):
+        if not _trained(by_seed, model):
           continue
         ax.plot(r["summary"]["training_flops"], r["summary"][f"{model}/test_accuracy"],
                 markers[model], color=COLORS[arm], alpha=0.8)
@@ -333,9 +353,11 @@ def _markdown(report: Mapping, plots: Sequence[tuple[str, str]]) -> str:
   lines += ["", f"## Test accuracy (mean ± half-width of the {pct} interval)", "",
             "| arm | seeds | base model | motivated model |", "|---|---|---|---|"]
   for a, acc in report["accuracy"].items():
-    motivated = (fmt_acc(acc["motivated"]) if report["cost"][a]["motivated_fraction"] > 0
-                 else "never trained")
-    lines.append(f"| {a} | {acc['base']['n']} | {fmt_acc(acc['base'])} | {motivated} |")
+    c = report["cost"][a]
+    motivated = fmt_acc(acc["motivated"]) if c["motivated_fraction"] > 0 else "never trained"
+    base = (fmt_acc(acc["base"]) if c["motivated_fraction"] < 1
+            else f"({fmt_acc(acc['base'])}: never trained on its own)")
+    lines.append(f"| {a} | {acc['base']['n']} | {base} | {motivated} |")
 
   lines += ["", "## Paired differences of test accuracy (same seed)", "",
             f"| comparison | model | seeds | difference [{pct} interval] | verdict |",
@@ -365,7 +387,7 @@ def _markdown(report: Mapping, plots: Sequence[tuple[str, str]]) -> str:
   lines += ["", "## Does the signal matter?", "",
             f"Drop = mean training loss of the {s['window']} base batches before a batch minus "
             f"that of the {s['window']} base batches after the phase it starts "
-            f"({s['phase_steps']} batches); fired batches against one batch drawn within "
+            f"({s['phase_steps']} batch{'es' if s['phase_steps'] != 1 else ''}); fired batches against one batch drawn within "
             f"±{s['span']} batches where the condition did not fire. The phase itself also "
             "acts on the drop: the random_times arm shows the drop after phases at random "
             "batches (docstring of `stats.signal_analysis`).", "",
