@@ -88,6 +88,12 @@ def get_config() -> ml_collections.ConfigDict:
   # without batch norm ignore it.
   config.bn_recalibration_batches = 20
 
+  # The device mesh: batches split over every device; with fsdp > 1 the
+  # parameters and optimizer state are split over the fsdp axis too
+  # (docs/sharding.md). data=-1 takes the devices fsdp leaves. Arrays of at
+  # most fsdp_min_mib stay replicated (big_vision's fsdp rule uses 4 MiB).
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "fsdp_min_mib": 4.0})
+
   # Logging, evaluation and checkpoints.
   config.log_every_steps = 50
   config.eval_every_epochs = 1

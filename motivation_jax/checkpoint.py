@@ -13,10 +13,11 @@ loading the data; the optional ``eval_stats`` item (``{"base": tree,
 recalibrated to at that batch, ``motivation_jax.recalibration``) is what it
 deploys with them.
 
-Resume order (``train.train_and_evaluate``): build the abstract state (with its
-shardings), restore the latest checkpoint into it, load the controller state
-(which refuses a different motivation config), check the data position against
-this run's batches, then continue at that batch.
+Resume order (``train.train_and_evaluate``): build the abstract state (with the
+shardings of this run's mesh, which need not be the mesh that saved it),
+restore the latest checkpoint into it, load the controller state (which
+refuses a different motivation config), check the data position against this
+run's batches, then continue at that batch.
 """
 
 from __future__ import annotations
@@ -30,6 +31,20 @@ import orbax.checkpoint as ocp
 from motivation_jax.errors import CheckpointError
 
 ITEMS = ("state", "controller", "data_position", "config", "dataset", "eval_stats")
+
+
+def _placed(abstract: Any) -> Any:
+  """``abstract`` with a sharding on every leaf: a leaf that has none is
+  restored onto this process's first device.
+
+  Orbax restores each array into the sharding its target leaf names, whatever
+  the layout it was saved in (e.g. saved split over 8 devices with fsdp=8,
+  restored into fsdp=2 on 4 devices). A leaf without one would take the saved
+  layout, which may name devices this process does not have.
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None else
+                      jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
 
 
 class Checkpointer:
@@ -63,6 +78,7 @@ class Checkpointer:
     step = self.manager.latest_step() if step is None else step
     if step is None:
       return None
+    abstract_state = _placed(abstract_state)
     restored = self._restore(step, state=ocp.args.StandardRestore(abstract_state),
                              controller=ocp.args.JsonRestore(),
                              data_position=ocp.args.JsonRestore())
@@ -91,7 +107,8 @@ class Checkpointer:
     (a run without recalibration, or a model without batch norm)."""
     if not os.path.isdir(os.path.join(self.directory, str(step), "eval_stats")):
       return None
-    return self._restore(step, eval_stats=ocp.args.StandardRestore(abstract_stats))["eval_stats"]
+    return self._restore(step, eval_stats=ocp.args.StandardRestore(
+        _placed(abstract_stats)))["eval_stats"]
 
   def _restore(self, step: int, **items):
     try:

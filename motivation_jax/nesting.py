@@ -32,6 +32,7 @@ from typing import Any, Mapping
 
 import flax.traverse_util
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
@@ -58,19 +59,147 @@ class Region:
   def whole(self) -> bool:
     return self.base_shape is None or self.base_shape == self.full_shape
 
-  def view(self, x: jax.Array) -> jax.Array:
+  def view(self, x: jax.Array, sharding=None) -> jax.Array:
+    """The base's slice of ``x``; ``sharding``: ``x``'s ``NamedSharding``, in a
+    step whose state is sharded (docs/sharding.md)."""
     if self.whole:
       return x
-    return x[tuple(slice(0, d) for d in self.base_shape)]
+    base = tuple(slice(0, d) for d in self.base_shape)
+    split = _split_dim(sharding, self)
+    if split is None:
+      return x[base]
+    if self._blocks(sharding, split):
+      return _to_base_layout(x, self, sharding, split)
+    # Otherwise XLA reshards the slice: the dims that are not split are sliced
+    # first, where every device holds them whole, so that only the base's
+    # rows travel; the view keeps the split dim where the base's extent divides.
+    x = lax.with_sharding_constraint(
+        x[tuple(slice(None) if i == split else s for i, s in enumerate(base))], sharding)
+    return lax.with_sharding_constraint(x[base], self._view_sharding(sharding, split))
 
-  def merge(self, full: jax.Array, part: jax.Array) -> jax.Array:
+  def merge(self, full: jax.Array, part: jax.Array, sharding=None) -> jax.Array:
     if self.whole:
       return part
     if not self.in_base:
       return full
-    # dynamic_update_slice on a donated buffer is an in-place write in XLA: a
-    # base step touches only base-sized memory.
-    return lax.dynamic_update_slice(full, part.astype(full.dtype), (0,) * full.ndim)
+    part = part.astype(full.dtype)
+    split = _split_dim(sharding, self)
+    if split is None:
+      # dynamic_update_slice on a donated buffer is an in-place write in XLA: a
+      # base step touches only base-sized memory.
+      return lax.dynamic_update_slice(full, part, (0,) * full.ndim)
+    if self._blocks(sharding, split):
+      return _into_full_layout(full, part, self, sharding, split)
+    # XLA partitions a dynamic_update_slice of a split dim by gathering the
+    # whole leaf on every device; a pad to the full layout moves only the
+    # base's rows (the split dim first, then the rest, which is local), and
+    # the select is local to each device's shard.
+    zero = jnp.zeros((), full.dtype)
+    grow = lambda dims: [(0, f - b if i in dims else 0, 0)
+                         for i, (f, b) in enumerate(zip(self.full_shape, self.base_shape))]
+    part = lax.with_sharding_constraint(lax.pad(part, zero, grow((split,))), sharding)
+    part = lax.pad(part, zero, grow([i for i in range(full.ndim) if i != split]))
+    return jnp.where(_inside(self.base_shape, full.shape), part, full)
+
+  def _view_sharding(self, sharding, split: int):
+    spec = list(sharding.spec) + [None] * (len(self.full_shape) - len(sharding.spec))
+    if self.base_shape[split] % _axis_size(sharding, split):
+      spec[split] = None
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+
+  def _blocks(self, sharding, split: int) -> bool:
+    """Whether the base's part of the split dim comes in whole blocks of
+    ``base / devices`` rows, each on one device (any whole width ratio, with
+    the base's width a multiple of the devices)."""
+    n, full, base = _axis_size(sharding, split), self.full_shape[split], self.base_shape[split]
+    return base < full and base % n == 0 and (full // n) % (base // n) == 0
+
+
+def _split_dim(sharding, region: Region) -> int | None:
+  """The one dim that ``sharding`` splits over devices (``sharding.fsdp_spec``
+  splits at most one), or None when nothing moves between devices: one
+  device, a replicated leaf, a leaf outside the base."""
+  if sharding is None or not region.in_base or not hasattr(sharding, "spec"):
+    return None
+  split = [i for i, names in enumerate(sharding.spec) if names is not None]
+  if not split:
+    return None
+  if len(split) > 1:
+    raise NotImplementedError(f"a leaf split over more than one dim ({sharding.spec}); "
+                              "sharding.fsdp_spec splits one")
+  return split[0]
+
+
+def _axis_size(sharding, dim: int) -> int:
+  names = sharding.spec[dim]
+  names = names if isinstance(names, tuple) else (names,)
+  return int(np.prod([sharding.mesh.shape[a] for a in names]))
+
+
+def _inside(base_shape, shape) -> jax.Array:
+  """Mask of the base region (the leading ``base_shape``) in an array of ``shape``."""
+  return functools.reduce(jnp.logical_and, [
+      lax.broadcasted_iota(jnp.int32, shape, i) < b
+      for i, b in enumerate(base_shape) if b < shape[i]], jnp.bool_(True))
+
+
+def _block_moves(region: Region, sharding, split: int):
+  """The moves between the full leaf's layout (device ``i`` holds rows
+  ``[i*s, (i+1)*s)`` of the split dim) and the base view's (device ``j`` holds
+  base rows ``[j*c, (j+1)*c)``): ``(c, moves)``, where ``moves[r]`` lists the
+  ``(i, j)`` pairs whose base block ``j`` is block ``r`` of full shard ``i``."""
+  n = _axis_size(sharding, split)
+  s, c = region.full_shape[split] // n, region.base_shape[split] // n
+  return c, [[(i, (i * s + r * c) // c) for i in range(n)
+              if i * s + r * c < region.base_shape[split]] for r in range(s // c)]
+
+
+def _is_one_of(index: jax.Array, values) -> jax.Array:
+  return functools.reduce(jnp.logical_or, [index == v for v in values], jnp.bool_(False))
+
+
+def _to_base_layout(x: jax.Array, region: Region, sharding, split: int) -> jax.Array:
+  """The base view of ``x``, split over the same devices in equal blocks: each
+  device receives its block of the base from the one device that holds it
+  (XLA's own partitioning of the slice exchanges whole shards)."""
+  c, moves = _block_moves(region, sharding, split)
+  axis = sharding.spec[split]
+  others = tuple(slice(None) if i == split else slice(0, b)
+                 for i, b in enumerate(region.base_shape))
+
+  def body(local):
+    local, me, out = local[others], lax.axis_index(axis), None
+    for r, pairs in enumerate(moves):
+      block = lax.ppermute(lax.slice_in_dim(local, r * c, (r + 1) * c, axis=split), axis, pairs)
+      out = block if out is None else jnp.where(_is_one_of(me, [j for _, j in pairs]),
+                                                block, out)
+    return out
+
+  spec = jax.sharding.PartitionSpec(*sharding.spec)
+  return jax.shard_map(body, mesh=sharding.mesh, in_specs=spec, out_specs=spec)(x)
+
+
+def _into_full_layout(full: jax.Array, part: jax.Array, region: Region, sharding,
+                      split: int) -> jax.Array:
+  """``full`` with its base region replaced by ``part`` (laid out as
+  ``_to_base_layout`` gives it): the same moves, reversed; each device writes
+  the blocks it receives into its own shard."""
+  c, moves = _block_moves(region, sharding, split)
+  axis = sharding.spec[split]
+
+  def body(local, piece):
+    me = lax.axis_index(axis)
+    for r, pairs in enumerate(moves):
+      block = lax.ppermute(piece, axis, [(j, i) for i, j in pairs])
+      offset = tuple(r * c if i == split else 0 for i in range(local.ndim))
+      old = lax.dynamic_slice(local, offset, block.shape)
+      new = jnp.where(_is_one_of(me, [i for i, _ in pairs]), block, old)
+      local = lax.dynamic_update_slice(local, new, offset)
+    return local
+
+  spec = jax.sharding.PartitionSpec(*sharding.spec)
+  return jax.shard_map(body, mesh=sharding.mesh, in_specs=(spec, spec), out_specs=spec)(
+      full, part)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,14 +260,24 @@ def weights_map(model, *sample_args, **sample_kwargs) -> WeightsMap:
   return WeightsMap(regions)
 
 
-def base_view(tree: PyTree, regions: PyTree) -> PyTree:
-  """The base's slice of every leaf of ``tree`` (same structure as ``regions``)."""
-  return jax.tree.map(lambda r, x: r.view(x), regions, tree)
+def base_view(tree: PyTree, regions: PyTree, shardings: PyTree = None) -> PyTree:
+  """The base's slice of every leaf of ``tree`` (same structure as ``regions``).
+
+  ``shardings`` (``tree``'s ``NamedSharding``s, inside a jitted step whose
+  state is sharded) makes the slices of split leaves move only the base's
+  part (docs/sharding.md)."""
+  if shardings is None:
+    return jax.tree.map(lambda r, x: r.view(x), regions, tree)
+  return jax.tree.map(lambda r, x, s: r.view(x, s), regions, tree, shardings)
 
 
-def merge_base(tree: PyTree, base_tree: PyTree, regions: PyTree) -> PyTree:
-  """``tree`` with the base region of every leaf replaced by ``base_tree``'s values."""
-  return jax.tree.map(lambda r, x, y: r.merge(x, y), regions, tree, base_tree)
+def merge_base(tree: PyTree, base_tree: PyTree, regions: PyTree,
+               shardings: PyTree = None) -> PyTree:
+  """``tree`` with the base region of every leaf replaced by ``base_tree``'s
+  values (``shardings`` as for ``base_view``)."""
+  if shardings is None:
+    return jax.tree.map(lambda r, x, y: r.merge(x, y), regions, tree, base_tree)
+  return jax.tree.map(lambda r, x, y, s: r.merge(x, y, s), regions, tree, base_tree, shardings)
 
 
 def opt_state_regions(optimizer: optax.GradientTransformation,
@@ -172,9 +311,10 @@ def init_variables(model, rng: jax.Array, sample_input: jax.Array, *,
   """
   if extension_init not in EXTENSION_INITS:
     raise ValueError(f"extension_init must be one of {EXTENSION_INITS}, got {extension_init!r}")
-  options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-  init = jax.jit(functools.partial(model.init, subnet="motivated", train=False),
-                 compiler_options=options)
+  init = functools.partial(model.init, subnet="motivated", train=False)
+  if not isinstance(rng, jax.core.Tracer):  # inside a caller's jit, its options hold
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    init = jax.jit(init, compiler_options=options)
   variables = init(rng, sample_input)
   if extension_init == "zero":
     wmap = weights_map(model, sample_input, subnet="motivated")

@@ -81,9 +81,25 @@ class TrainState:
 def create_train_state(model, optimizer: optax.GradientTransformation,
                        rng: jax.Array, sample_input: jax.Array, *,
                        batch_norm_stats: str = "per_subnet",
-                       extension_init: str = "default") -> TrainState:
+                       extension_init: str = "default",
+                       state_sharding: PyTree = None) -> TrainState:
   """Initialises the one variables pytree at the motivated size
-  (``extension_init``: see ``nesting.init_variables``)."""
+  (``extension_init``: see ``nesting.init_variables``).
+
+  ``state_sharding`` (a ``TrainState`` of shardings, e.g.
+  ``sharding.train_state_sharding`` of ``abstract_train_state``): the whole
+  initialisation is one program whose outputs are laid out that way, so each
+  device computes only its own shards and the state is never whole on one
+  device. The values do not depend on the layout (JAX's random bits are
+  partitionable: each element depends on the key and its index only).
+  """
+  if state_sharding is not None:
+    create = functools.partial(create_train_state, model, optimizer,
+                               sample_input=sample_input, batch_norm_stats=batch_norm_stats,
+                               extension_init=extension_init)
+    # As in nesting.init_variables: a run-once program needs no backend optimisation.
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    return jax.jit(create, out_shardings=state_sharding, compiler_options=options)(rng)
   variables = nesting.init_variables(model, rng, sample_input, extension_init=extension_init)
   return _train_state(variables, optimizer, batch_norm_stats)
 
@@ -131,9 +147,19 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
       logits.astype(jnp.float32), labels).mean()
 
 
-def _update(model, optimizer, loss_fn, subnet, params, batch_stats, opt_state, batch):
-  """One ordinary optimizer step of ``subnet`` on the given (view or full) arrays."""
+def _update(model, optimizer, loss_fn, subnet, params, batch_stats, opt_state, batch,
+            compute_sharding=None):
+  """One ordinary optimizer step of ``subnet`` on the given (view or full) arrays.
+
+  ``compute_sharding`` (replicated, when the state is split over devices): the
+  forward and backward see every parameter whole, as FSDP means: XLA gathers
+  each one where it is used and reduces its gradient back to the shards, and
+  the compute stays data parallel. Without it XLA follows the parameters'
+  layout into the activations and reshards those (measured: over 5x the
+  bytes for ViT-S; docs/sharding.md)."""
   def objective(p):
+    if compute_sharding is not None:
+      p = jax.lax.with_sharding_constraint(p, compute_sharding)
     variables = {"params": p, "batch_stats": batch_stats}
     logits, mutated = model.apply(variables, batch["image"], subnet=subnet, train=True,
                                   mutable=["batch_stats"])
@@ -146,11 +172,11 @@ def _update(model, optimizer, loss_fn, subnet, params, batch_stats, opt_state, b
   return params, batch_stats, opt_state, {"loss": loss, "accuracy": accuracy}
 
 
-def motivated_train_step(state: TrainState, batch: Batch, *, model, optimizer,
-                         loss_fn) -> tuple[TrainState, dict[str, jax.Array]]:
+def motivated_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_fn,
+                         compute_sharding=None) -> tuple[TrainState, dict[str, jax.Array]]:
   params, batch_stats, opt_state, metrics = _update(
       model, optimizer, loss_fn, "motivated", state.params, state.subnet_stats("motivated"),
-      state.opt_state, batch)
+      state.opt_state, batch, compute_sharding)
   return state.replace(step=state.step + 1, params=params,
                        batch_stats=state.with_subnet_stats("motivated", batch_stats),
                        opt_state=opt_state), metrics
@@ -158,30 +184,52 @@ def motivated_train_step(state: TrainState, batch: Batch, *, model, optimizer,
 
 def base_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_fn,
                     wmap: nesting.WeightsMap, opt_regions: PyTree,
-                    advance_step: bool = True) -> tuple[TrainState, dict[str, jax.Array]]:
+                    advance_step: bool = True, state_sharding: TrainState | None = None
+                    ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One step of the base on its view; ``advance_step=False`` leaves the batch
   counters (``state.step`` and the optimizer's non-parameter-shaped state, i.e.
-  its update count) to a step that follows on the same batch."""
+  its update count) to a step that follows on the same batch.
+
+  ``state_sharding`` (a ``TrainState`` of ``NamedSharding``s, when the state is
+  sharded) lets the views and merges of split leaves move only the base's
+  part (``nesting.base_view``; docs/sharding.md)."""
+  params_layout = opt_layout = stats_layout = None
+  if state_sharding is not None:
+    params_layout, opt_layout = state_sharding.params, state_sharding.opt_state
+    stats_layout = state_sharding.subnet_stats("base")
   stats_regions, stats = wmap["batch_stats"], state.subnet_stats("base")
   params, batch_stats, opt_state, metrics = _update(
       model, optimizer, loss_fn, "base",
-      nesting.base_view(state.params, wmap.params),
-      nesting.base_view(stats, stats_regions),
-      nesting.base_view(state.opt_state, opt_regions), batch)
-  opt_state = nesting.merge_base(state.opt_state, opt_state, opt_regions)
+      nesting.base_view(state.params, wmap.params, params_layout),
+      nesting.base_view(stats, stats_regions, stats_layout),
+      nesting.base_view(state.opt_state, opt_regions, opt_layout), batch,
+      _compute_sharding(state_sharding))
+  opt_state = nesting.merge_base(state.opt_state, opt_state, opt_regions, opt_layout)
   if not advance_step:
     opt_state = jax.tree.map(lambda r, old, new: old if r.base_shape is None else new,
                              opt_regions, state.opt_state, opt_state)
   return state.replace(
       step=state.step + int(advance_step),
-      params=nesting.merge_base(state.params, params, wmap.params),
+      params=nesting.merge_base(state.params, params, wmap.params, params_layout),
       batch_stats=state.with_subnet_stats(
-          "base", nesting.merge_base(stats, batch_stats, stats_regions)),
+          "base", nesting.merge_base(stats, batch_stats, stats_regions, stats_layout)),
       opt_state=opt_state), metrics
 
 
+def _compute_sharding(state_sharding: TrainState | None):
+  """Replicated on the state's mesh when some parameter is split over devices
+  (see ``_update``); None otherwise (one device, or data parallel only)."""
+  if state_sharding is None:
+    return None
+  leaves = [s for s in jax.tree.leaves(state_sharding.params) if hasattr(s, "spec")]
+  if not any(any(a is not None for a in s.spec) for s in leaves):
+    return None
+  return jax.sharding.NamedSharding(leaves[0].mesh, jax.sharding.PartitionSpec())
+
+
 def both_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_fn,
-                    wmap: nesting.WeightsMap, opt_regions: PyTree):
+                    wmap: nesting.WeightsMap, opt_regions: PyTree,
+                    state_sharding: TrainState | None = None):
   """Policy ``both``: a base step, then a motivated step, on the same batch.
 
   The two updates share one position of the learning-rate schedule: the base
@@ -190,8 +238,11 @@ def both_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_f
   """
   deps = dict(model=model, optimizer=optimizer, loss_fn=loss_fn)
   state, base_metrics = base_train_step(state, batch, wmap=wmap, opt_regions=opt_regions,
-                                        advance_step=False, **deps)
-  state, metrics = motivated_train_step(state, batch, **deps)
+                                        advance_step=False, state_sharding=state_sharding,
+                                        **deps)
+  state, metrics = motivated_train_step(state, batch,
+                                        compute_sharding=_compute_sharding(state_sharding),
+                                        **deps)
   return state, {**metrics, "base_loss": base_metrics["loss"],
                  "base_accuracy": base_metrics["accuracy"]}
 
@@ -216,7 +267,9 @@ def make_train_steps(model, optimizer: optax.GradientTransformation, *,
       one position of the learning-rate schedule).
     jit: return ``jax.jit``-ed functions (state donated); ``False`` returns the
       pure functions, for users who compose them inside their own jit.
-    state_sharding, batch_sharding: optional shardings for ``jax.jit``.
+    state_sharding, batch_sharding: optional shardings for ``jax.jit`` (one
+      sharding, or a ``TrainState`` of them, e.g. ``sharding.train_state_sharding``'s
+      FSDP layout); the state keeps its sharding from step to step.
 
   Returns:
     ``{"base": fn, "motivated": fn}`` with ``fn(state, batch) -> (state, metrics)``.
@@ -225,11 +278,17 @@ def make_train_steps(model, optimizer: optax.GradientTransformation, *,
     raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
   opt_regions = nesting.opt_state_regions(optimizer, wmap.params)
   deps = dict(model=model, optimizer=optimizer, loss_fn=loss_fn)
-  base = functools.partial(base_train_step, wmap=wmap, opt_regions=opt_regions, **deps)
+  # Per-leaf shardings (not one sharding for the whole state) reach the base
+  # step, whose slices of split leaves need them.
+  layout = state_sharding if isinstance(state_sharding, TrainState) else None
+  base = functools.partial(base_train_step, wmap=wmap, opt_regions=opt_regions,
+                           state_sharding=layout, **deps)
   if policy == "switch":
-    motivated = functools.partial(motivated_train_step, **deps)
+    motivated = functools.partial(motivated_train_step,
+                                  compute_sharding=_compute_sharding(layout), **deps)
   else:
-    motivated = functools.partial(both_train_step, wmap=wmap, opt_regions=opt_regions, **deps)
+    motivated = functools.partial(both_train_step, wmap=wmap, opt_regions=opt_regions,
+                                  state_sharding=layout, **deps)
   steps = {"base": base, "motivated": motivated}
   if not jit:
     return steps

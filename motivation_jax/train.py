@@ -78,6 +78,9 @@ def check_config(config) -> None:
     if config.model[key] not in allowed:
       raise ConfigError(f"config.model.{key} must be one of {allowed}, "
                         f"got {config.model[key]!r}")
+  if "mesh" not in config:
+    raise ConfigError("config.mesh is missing (configs/default.py lists every key)")
+  sharding.check_mesh_config(config.mesh)  # setup checks it against the devices
 
 
 def build(config, dataset: data.Dataset):
@@ -153,12 +156,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, steps.T
   if config.batch_size > len(dataset.train):
     raise ConfigError(f"config.batch_size={config.batch_size} exceeds the {len(dataset.train)} "
                       f"training examples of {dataset.name}")
-  # Data parallel over every device: state replicated, batches split; each
-  # process reads the rows of each batch that its devices hold.
-  mesh = sharding.data_mesh()
+  # A data x fsdp mesh over every device (config.mesh): each batch split over
+  # both axes, each process reading the rows its devices hold.
+  mesh = sharding.make_mesh(config.mesh)
   for name in ("batch_size", "eval_batch_size"):
     sharding.check_batch_size(name, config[name], mesh)
-  batch_sharding, state_sharding = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
   train_data = data.TrainBatches(
       dataset, config.batch_size, seed=config.seed, augment=config.augment,
       rows=sharding.process_rows(batch_sharding, config.batch_size))
@@ -167,15 +170,21 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, steps.T
       rows=sharding.process_rows(batch_sharding, config.eval_batch_size))
   total_steps = config.num_epochs * train_data.steps_per_epoch
   optimizer = steps.make_optimizer(config, total_steps, train_data.steps_per_epoch)
+  sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
+  # The state's layout from its shapes alone (no FLOPs): replicated, or with
+  # mesh.fsdp > 1 split by the fsdp rule; then the state is created in it.
+  state_sharding = sharding.train_state_sharding(
+      steps.abstract_train_state(model, optimizer, sample,
+                                 batch_norm_stats=config.model.batch_norm_stats),
+      mesh, min_bytes=config.mesh.fsdp_min_mib * 2**20)
   train_steps = steps.make_train_steps(model, optimizer, wmap=wmap,
                                        policy=config.motivation.policy,
                                        state_sharding=state_sharding,
                                        batch_sharding=batch_sharding)
-  sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
-  state = jax.device_put(steps.create_train_state(
+  state = steps.create_train_state(
       model, optimizer, jax.random.key(config.seed), sample,
       batch_norm_stats=config.model.batch_norm_stats,
-      extension_init=config.model.extension_init), state_sharding)
+      extension_init=config.model.extension_init, state_sharding=state_sharding)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   state, first_step = resume(ckpt, state, controller, train_data)
 
