@@ -35,7 +35,7 @@ import tqdm
 from motivation_jax import checkpoint, data, models, nesting, recalibration, sharding, steps
 from motivation_jax.controller import Controller
 from motivation_jax.errors import ConfigError, TrainingError
-from motivation_jax.metrics import MetricWriter
+from motivation_jax.metrics import MetricWriter, finite_json
 
 _AT_LEAST_1 = ("an integer >= 1", lambda v: v >= 1)
 _NON_NEGATIVE = ("a finite number >= 0", lambda v: v >= 0)
@@ -378,6 +378,10 @@ def evaluate_and_log(run: Run, state: steps.TrainState, step: int, bar: tqdm.tqd
   run.writer.write(step, {**metrics, "epoch": epoch})
   bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                             if "running_stats" not in k))
+  _, bad = finite_json(metrics)
+  if bad:  # the training loss stayed finite (else the run stopped): the weights diverged
+    bar.write(f"warning: {', '.join(bad)} not finite at epoch {epoch}: that model diverged; "
+              "lower config.learning_rate")
   return metrics
 
 
@@ -406,7 +410,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   summary = summarize(run, eval_metrics, time.time() - start_time)
   if run.chief:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+      written, bad = finite_json(summary)
+      json.dump({**written, **({"non_finite": bad} if bad else {})}, f, indent=2,
+                allow_nan=False)
   return summary
 
 
