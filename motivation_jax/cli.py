@@ -49,10 +49,17 @@ def wants_traceback() -> bool:
 
 def fail(message: str, error: BaseException | None = None) -> NoReturn:
   """Prints ``error: <message>`` (after ``error``'s traceback, when asked for) and
-  exits with status 2."""
+  exits with status 2, at once, skipping the interpreter's clean-up, for an
+  error whose ``exit_at_once`` is true."""
   if error is not None and wants_traceback():
     traceback.print_exception(error)
   print(f"error: {one_line(message)}", file=sys.stderr)
+  if getattr(error, "exit_at_once", False):
+    # Device work that will never finish is in flight (a step the other
+    # processes did not run): the interpreter's clean-up would wait on it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)
   sys.exit(2)
 
 

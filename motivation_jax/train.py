@@ -32,7 +32,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from motivation_jax import checkpoint, data, models, nesting, recalibration, sharding, steps
+from motivation_jax import (agreement, checkpoint, data, models, nesting, recalibration,
+                            sharding, steps)
 from motivation_jax.controller import Controller
 from motivation_jax.errors import ConfigError, TrainingError
 from motivation_jax.metrics import MetricWriter, finite_json
@@ -148,6 +149,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, steps.T
   ``workdir``. Refuses bad input in one line before any training, and compiles
   both step kinds (which also gives their FLOPs)."""
   check_config(config)
+  if "://" in workdir:  # os.makedirs would make a local directory named "gs:"
+    raise ConfigError(f"workdir {workdir}: URLs are not supported yet (metrics, decisions and "
+                      "the summary are written with plain files); use a directory every "
+                      "process mounts (launch/README.md)")
   os.makedirs(workdir, exist_ok=True)
   dataset = data.get_dataset(config.dataset, config.data_dir,
                              mock_examples=config.mock_data_examples,
@@ -300,24 +305,29 @@ def train(run: Run, state: steps.TrainState) -> tuple[steps.TrainState, dict[str
   evaluation (empty if no evaluation was due)."""
   config, controller = run.config, run.controller
   pending = PendingMetrics(controller, run.ckpt)
+  decisions = agreement.DecisionCheck(controller)  # the same on every process
   eval_metrics: dict[str, float] = {}
   bar = tqdm.tqdm(total=run.total_steps, initial=run.first_step, unit="batch",
-                  disable=not config.progress_bar, dynamic_ncols=True)
+                  disable=not (config.progress_bar and run.chief), dynamic_ncols=True)
   # grain's threads prepare host batches ahead; the next batches are copied to
   # the devices while the current step runs.
   batches = data.prefetch_to_device(run.train_data.iterator(
       run.first_step, run.total_steps, threads=config.data_threads), run.put)
   for t, batch in zip(range(run.first_step, run.total_steps), batches):
-    kind = controller.next_kind()
+    kind = decisions.next_kind(t)
     state, metrics = run.train_steps[kind](state, batch)
     pending.push(t, kind, metrics)
     bar.update(1)
     step = t + 1
     if step % config.log_every_steps == 0:
       log_training(run, step, pending.interval_means(), bar)
-    if run.epoch_ends(step, config.eval_every_epochs) or step == run.total_steps:
+    evaluate_now = run.epoch_ends(step, config.eval_every_epochs) or step == run.total_steps
+    save_now = run.epoch_ends(step, config.checkpoint_every_epochs) or step == run.total_steps
+    if evaluate_now or save_now:
+      decisions.flush()  # before waiting on this step's state
+    if evaluate_now:
       eval_metrics = evaluate_and_log(run, state, step, bar)
-    if run.epoch_ends(step, config.checkpoint_every_epochs) or step == run.total_steps:
+    if save_now:
       save(run, state, pending, step)
   bar.close()
   return state, eval_metrics
