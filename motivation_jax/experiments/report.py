@@ -261,12 +261,13 @@ def plot_accuracy_over_training(runs: Mapping, path: str) -> str | None:
       curves = [{e["step"]: e[key] for e in r["evals"] if key in e} for r in by_seed.values()]
       last = max([last] + [s for c in curves for s in c])
       common = sorted(set.intersection(*(set(c) for c in curves)))
-      for ax in (full, zoom):
+      for ax in (full, zoom):  # markers: a run evaluated once is a point, not a line
         for c in curves:
-          ax.plot(list(c), list(c.values()), color=COLORS[arm], lw=0.6, alpha=0.35)
+          ax.plot(list(c), list(c.values()), ".-", color=COLORS[arm], lw=0.6, ms=3,
+                  alpha=0.35)
         if common:
-          ax.plot(common, [np.mean([c[s] for c in curves]) for s in common],
-                  color=COLORS[arm], lw=2, label=arm)
+          ax.plot(common, [np.mean([c[s] for c in curves]) for s in common], "o-",
+                  color=COLORS[arm], lw=2, ms=4, label=arm)
       late += [(s, v) for c in curves for s, v in c.items()]
     full.set(title=f"{model} model", ylabel="test accuracy")
     zoom.set(title=f"{model} model, second half (zoomed)", xlabel="batch",
