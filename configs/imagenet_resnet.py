@@ -19,7 +19,8 @@ Command:
       --workdir=workdirs/imagenet_resnet --config.data_dir=$DATA
 
 Meant for a TPU v4-32 slice or a node of 8 GPUs (batch 1024 split over the
-devices; --config.data_threads=16 or more on such a host). Expected result: not
+devices; 16 grain worker processes decode the JPEGs, --config.data_workers=N for
+about N x 500 images/s on such a host). Expected result: not
 measured yet (no ImageNet and no accelerator where this was written); the
 published standalone top-1 accuracies are 69.8% (ResNet-18) and 73.3% (ResNet-34).
 
@@ -50,10 +51,15 @@ def get_config(arg: str | None = None):
   config.checkpoint_every_epochs = 1
   config.log_every_steps = 100
   config.data_threads = 16
+  # JPEG decoding costs ~2 ms of one core per image: worker processes, not
+  # threads (benchmarks/results/data_workers_cpu_imagenet.md); ~N / 500 of
+  # them for an accelerator host training at N images/s.
+  config.data_workers = 16
 
   def smoke(config):
     config.image_size = 32
     config.data_threads = 2
+    config.data_workers = 0  # seconds of work: starting 16 workers would dominate
     config.model.base.width = config.model.motivated.width = 0.125
 
   return config_lib.variant(config, arg, smoke=smoke)

@@ -48,10 +48,15 @@ def get_config(arg: str | None = None):
   config.checkpoint_every_epochs = 1
   config.log_every_steps = 100
   config.data_threads = 16
+  # JPEG decoding costs ~2 ms of one core per image: worker processes, not
+  # threads (benchmarks/results/data_workers_cpu_imagenet.md); ~N / 500 of
+  # them for an accelerator host training at N images/s.
+  config.data_workers = 16
 
   def smoke(config):
     config.image_size = 32
     config.data_threads = 2
+    config.data_workers = 0  # seconds of work: starting 16 workers would dominate
     config.model.patch_size = 8
     config.model.head_dim = 8
     config.model.base = {"arch": "ti", "depth": 1, "width": 1 / 3}

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from motivation_jax import data, nesting
 from motivation_jax.common import SUBNETS
+from motivation_jax.steps import Normalisation, normalise_images
 
 PyTree = Any
 
@@ -53,11 +54,14 @@ def _moments(variables: Mapping[str, PyTree], images: jax.Array, *, model, subne
   return mutated["batch_moments"]
 
 
-def make_recalibrate(model, wmap: nesting.WeightsMap
+def make_recalibrate(model, wmap: nesting.WeightsMap, *,
+                     normalisation: Normalisation | None = None
                      ) -> Callable[[Any, Iterable], dict[str, PyTree] | None]:
   """``recalibrate(state, batches) -> {"base": stats, "motivated": stats}``.
 
-  ``batches`` are device batches (the calibration batches). Each returned tree
+  ``batches`` are device batches (the calibration batches); uint8 images are
+  normalised with ``normalisation`` on the device, float images are taken as
+  normalised (``steps.normalise_images``). Each returned tree
   has the layout of ``state.subnet_stats(subnet)`` (motivated size): the
   statistics the sub-network reads are the plain averages of its batch moments
   over the batches; entries it does not read (outside the base) are left as
@@ -69,6 +73,7 @@ def make_recalibrate(model, wmap: nesting.WeightsMap
              for subnet in SUBNETS}
 
   def accumulate(sums, variables, images, *, subnet):
+    images = normalise_images(images, normalisation)
     return jax.tree.map(jnp.add, sums, moments[subnet](variables, images))
 
   def finish(stats: PyTree, sums: PyTree, count: int) -> PyTree:
@@ -94,7 +99,8 @@ def make_recalibrate(model, wmap: nesting.WeightsMap
       if sums is None:  # zeros of the moments' shapes, known without running anything
         sums = {subnet: jax.tree.map(
             lambda x: jnp.zeros(x.shape, x.dtype),
-            jax.eval_shape(fn, state.variables(subnet), batch["image"]))
+            jax.eval_shape(fn, state.variables(subnet),
+                           normalise_images(batch["image"], normalisation)))
             for subnet, fn in moments.items()}
       for subnet, step in steps.items():
         sums[subnet] = step(sums[subnet], state.variables(subnet), batch["image"])

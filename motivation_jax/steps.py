@@ -18,18 +18,25 @@ Its compiled cost is the standalone base model's; the motivated step's is the
 standalone motivated model's (tests/test_step_costs.py checks both against XLA's
 cost analysis).
 
-The batch is a dict with ``image`` (float, NHWC or NC) and ``label`` (int).
-Eval batches may carry ``mask`` (1 for real examples, 0 for padding).
+The batch is a dict with ``image`` (NHWC or NC) and ``label`` (int). Eval
+batches may carry ``mask`` (1 for real examples, 0 for padding). The steps
+that ``make_train_steps``, ``make_eval_steps`` and
+``recalibration.make_recalibrate`` build take ``image`` either as float,
+already normalised (used as it is), or as uint8 pixels, which they normalise on
+the device with the ``normalisation=(mean, std)`` given when they are built
+(``normalise_images``): the input pipeline copies a quarter of the bytes to the
+device. The pure step functions below (``base_train_step`` ...) take floats.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from motivation_jax import nesting
@@ -42,6 +49,8 @@ Batch = Mapping[str, jax.Array]
 # "per_subnet" is the default.
 BATCH_NORM_STATS = ("shared", "per_subnet")
 OPTIMIZERS = ("sgd", "adamw")
+# Per-channel (mean, std) of uint8 images on the 0..255 scale (data.Dataset's).
+Normalisation = tuple[Sequence[float], Sequence[float]]
 
 
 @flax.struct.dataclass
@@ -140,6 +149,35 @@ def make_optimizer(config, total_steps: int, steps_per_epoch: int
   if config.optimizer == "adamw":
     return optax.adamw(schedule, weight_decay=config.weight_decay)
   raise ConfigError(f"config.optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
+
+
+def normalise_images(images: jax.Array, normalisation: Normalisation | None) -> jax.Array:
+  """``images`` as the model takes them: uint8 pixels become ``(x - mean) / std``
+  in float32, per channel, on the device (``data.pipeline.normalise``'s values,
+  bit for bit on a CPU); any other dtype is taken as already normalised and
+  returned as it is. Decided by the dtype while tracing: nothing is computed
+  per step for float batches."""
+  if images.dtype != jnp.uint8:
+    return images
+  if normalisation is None:
+    raise ValueError("uint8 images need the data set's mean and std: build the steps with "
+                     "normalisation=(dataset.mean, dataset.std), or give float images that "
+                     "are already normalised")
+  mean, std = normalisation
+  # The host's arithmetic exactly (data.pipeline.normalise): the reciprocal in
+  # float32 on the host, then a subtraction and a product, each exact IEEE.
+  inverse = np.float32(1) / np.maximum(np.asarray(std, np.float32), np.float32(1e-6))
+  return (images.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) * inverse
+
+
+def _on_normalised_images(fn: Callable, normalisation: Normalisation | None) -> Callable:
+  """``fn(x, batch)`` that first normalises ``batch["image"]`` (``normalise_images``)."""
+  def step(x, batch):
+    return fn(x, {**batch, "image": normalise_images(batch["image"], normalisation)})
+  # The compiled program keeps the step's name (``jit(base_train_step)``), which
+  # profiles and benchmarks/run.py's compile counts go by.
+  step.__name__ = step.__qualname__ = getattr(fn, "func", fn).__name__
+  return step
 
 
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -251,8 +289,8 @@ def make_train_steps(model, optimizer: optax.GradientTransformation, *,
                      wmap: nesting.WeightsMap,
                      loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy_loss,
                      policy: str = "switch", jit: bool = True,
-                     state_sharding: PyTree = None, batch_sharding: PyTree = None
-                     ) -> dict[str, Callable]:
+                     state_sharding: PyTree = None, batch_sharding: PyTree = None,
+                     normalisation: Normalisation | None = None) -> dict[str, Callable]:
   """Builds the base and motivated train steps.
 
   Args:
@@ -270,6 +308,12 @@ def make_train_steps(model, optimizer: optax.GradientTransformation, *,
     state_sharding, batch_sharding: optional shardings for ``jax.jit`` (one
       sharding, or a ``TrainState`` of them, e.g. ``sharding.train_state_sharding``'s
       FSDP layout); the state keeps its sharding from step to step.
+    normalisation: ``(mean, std)`` per channel on the 0..255 scale (a
+      ``data.Dataset``'s ``mean`` and ``std``): a batch whose ``image`` is uint8
+      is normalised with it on the device. A float ``image`` is taken as
+      already normalised and used as it is, so batches from your own pipeline
+      work unchanged; without ``normalisation`` a uint8 batch is refused.
+      Each dtype is its own compiled program.
 
   Returns:
     ``{"base": fn, "motivated": fn}`` with ``fn(state, batch) -> (state, metrics)``.
@@ -289,7 +333,8 @@ def make_train_steps(model, optimizer: optax.GradientTransformation, *,
   else:
     motivated = functools.partial(both_train_step, wmap=wmap, opt_regions=opt_regions,
                                   state_sharding=layout, **deps)
-  steps = {"base": base, "motivated": motivated}
+  steps = {kind: _on_normalised_images(fn, normalisation)
+           for kind, fn in {"base": base, "motivated": motivated}.items()}
   if not jit:
     return steps
   shardings = {}
@@ -313,9 +358,12 @@ def eval_step(variables: Mapping[str, PyTree], batch: Batch, *, model, subnet: s
           "count": jnp.sum(mask)}
 
 
-def make_eval_steps(model, *, jit: bool = True) -> dict[str, Callable]:
-  """``{"base": fn, "motivated": fn}`` with ``fn(variables, batch) -> sums``."""
-  steps = {subnet: functools.partial(eval_step, model=model, subnet=subnet)
+def make_eval_steps(model, *, jit: bool = True, normalisation: Normalisation | None = None
+                    ) -> dict[str, Callable]:
+  """``{"base": fn, "motivated": fn}`` with ``fn(variables, batch) -> sums``; a
+  uint8 ``image`` is normalised with ``normalisation`` as in ``make_train_steps``."""
+  steps = {subnet: _on_normalised_images(
+      functools.partial(eval_step, model=model, subnet=subnet), normalisation)
            for subnet in ("base", "motivated")}
   return {k: jax.jit(f) for k, f in steps.items()} if jit else steps
 

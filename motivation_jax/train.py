@@ -48,6 +48,7 @@ _CHECKS = {
     "seed": (int, "an integer >= 0", lambda v: v >= 0),
     "mock_data_examples": (int, "an integer >= 0", lambda v: v >= 0),
     "data_threads": (int, "an integer >= 0", lambda v: v >= 0),
+    "data_workers": (int, "an integer >= 0", lambda v: v >= 0),
     "bn_recalibration_batches": (int, "an integer >= 0", lambda v: v >= 0),
     "learning_rate": (float, "a finite number > 0", lambda v: v > 0),
     "momentum": (float, "a number in [0, 1)", lambda v: 0 <= v < 1),
@@ -182,10 +183,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, steps.T
       steps.abstract_train_state(model, optimizer, sample,
                                  batch_norm_stats=config.model.batch_norm_stats),
       mesh, min_bytes=config.mesh.fsdp_min_mib * 2**20)
+  # Host batches carry uint8 images; the steps normalise them on the device.
+  normalisation = (dataset.mean, dataset.std)
   train_steps = steps.make_train_steps(model, optimizer, wmap=wmap,
                                        policy=config.motivation.policy,
                                        state_sharding=state_sharding,
-                                       batch_sharding=batch_sharding)
+                                       batch_sharding=batch_sharding,
+                                       normalisation=normalisation)
   state = steps.create_train_state(
       model, optimizer, jax.random.key(config.seed), sample,
       batch_norm_stats=config.model.batch_norm_stats,
@@ -201,7 +205,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, steps.T
   put = functools.partial(sharding.global_batch, sharding=batch_sharding)
   run = Run(config=config, dataset=dataset, wmap=wmap, controller=controller,
             train_data=train_data, eval_data=eval_data,
-            put=put, train_steps=compiled, eval_steps=steps.make_eval_steps(model),
+            put=put, train_steps=compiled,
+            eval_steps=steps.make_eval_steps(model, normalisation=normalisation),
             recalibrate=make_recalibrate(config, model, wmap, dataset, batch_sharding, put),
             flops={kind: steps.compiled_flops(c) for kind, c in compiled.items()},
             ckpt=ckpt, writer=MetricWriter(workdir, enabled=chief), workdir=workdir,
@@ -214,7 +219,8 @@ def make_recalibrate(config, model, wmap: nesting.WeightsMap, dataset: data.Data
   """``state -> recalibrated statistics`` from the config's calibration batches
   (``motivation_jax.recalibration``); returns None when recalibration is off."""
   num_batches = config.bn_recalibration_batches
-  recalibrate = recalibration.make_recalibrate(model, wmap)
+  recalibrate = recalibration.make_recalibrate(
+      model, wmap, normalisation=(dataset.mean, dataset.std))
   batches = recalibration.calibration_batches(
       dataset, config.batch_size, seed=config.seed,
       rows=sharding.process_rows(batch_sharding, config.batch_size))
@@ -223,7 +229,8 @@ def make_recalibrate(config, model, wmap: nesting.WeightsMap, dataset: data.Data
     if num_batches == 0:
       return None
     return recalibrate(state, data.prefetch_to_device(
-        batches.iterator(0, num_batches, threads=config.data_threads), put))
+        batches.iterator(0, num_batches, threads=config.data_threads,
+                         workers=config.data_workers), put))
 
   return calibrated
 
@@ -309,10 +316,11 @@ def train(run: Run, state: steps.TrainState) -> tuple[steps.TrainState, dict[str
   eval_metrics: dict[str, float] = {}
   bar = tqdm.tqdm(total=run.total_steps, initial=run.first_step, unit="batch",
                   disable=not (config.progress_bar and run.chief), dynamic_ncols=True)
-  # grain's threads prepare host batches ahead; the next batches are copied to
-  # the devices while the current step runs.
+  # grain's threads (or worker processes) prepare host batches ahead; the next
+  # batches are copied to the devices while the current step runs.
   batches = data.prefetch_to_device(run.train_data.iterator(
-      run.first_step, run.total_steps, threads=config.data_threads), run.put)
+      run.first_step, run.total_steps, threads=config.data_threads,
+      workers=config.data_workers), run.put)
   for t, batch in zip(range(run.first_step, run.total_steps), batches):
     kind = decisions.next_kind(t)
     state, metrics = run.train_steps[kind](state, batch)
@@ -341,7 +349,7 @@ def log_training(run: Run, step: int, means: dict[str, float], bar: tqdm.tqdm) -
 
 
 def evaluate(eval_steps, state, eval_data: data.EvalBatches, put, threads: int,
-             eval_stats: dict | None = None) -> dict[str, float]:
+             eval_stats: dict | None = None, *, workers: int = 0) -> dict[str, float]:
   """Test accuracy and loss of each sub-network, every test example counted once,
   with the batch-norm statistics ``eval_stats`` gives (``{"base": tree,
   "motivated": tree}``, recalibrated) or else the state's running averages."""
@@ -349,7 +357,8 @@ def evaluate(eval_steps, state, eval_data: data.EvalBatches, put, threads: int,
                {"params": state.params, "batch_stats": eval_stats[subnet]}
                for subnet in eval_steps}
   sums = {k: collections.Counter() for k in eval_steps}
-  for batch in data.prefetch_to_device(eval_data.iterator(threads=threads), put):
+  for batch in data.prefetch_to_device(eval_data.iterator(threads=threads, workers=workers),
+                                       put):
     for subnet, fn in eval_steps.items():
       sums[subnet].update(jax.device_get(fn(variables[subnet], batch)))
   out = {}
@@ -372,9 +381,10 @@ def evaluate_run(run: Run, state: steps.TrainState, *, compare: bool = False
   ``{subnet}/test_accuracy_running_stats`` and ``{subnet}/test_loss_running_stats``."""
   eval_stats = run.eval_stats(state)
   metrics = evaluate(run.eval_steps, state, run.eval_data, run.put,
-                     run.config.data_threads, eval_stats)
+                     run.config.data_threads, eval_stats, workers=run.config.data_workers)
   if compare and eval_stats is not None:
-    running = evaluate(run.eval_steps, state, run.eval_data, run.put, run.config.data_threads)
+    running = evaluate(run.eval_steps, state, run.eval_data, run.put, run.config.data_threads,
+                       workers=run.config.data_workers)
     metrics.update({f"{k}_running_stats": v for k, v in running.items()})
   return metrics
 

@@ -32,6 +32,7 @@ class ArraySource:
     if len(images) != len(labels):
       raise ValueError(f"{len(images)} images but {len(labels)} labels")
     self.images, self.labels = images, np.asarray(labels, np.int32)
+    self.dtype = np.dtype(images.dtype)  # of the images ``read`` returns
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -45,6 +46,8 @@ class ArraySource:
 
 class TfdsSource:
   """A ``tfds.data_source`` split, read (and its images decoded) on demand."""
+
+  dtype = np.dtype(np.uint8)  # of the images ``read`` returns
 
   def __init__(self, source, *, fixed_shape: bool):
     self.source, self.fixed_shape = source, fixed_shape
