@@ -18,19 +18,96 @@ shardings of this run's mesh, which need not be the mesh that saved it),
 restore the latest checkpoint into it, load the controller state (which
 refuses a different motivation config), check the data position against this
 run's batches, then continue at that batch.
+
+Integrity. Each checkpoint also holds a ``checksum`` item: two wrapping
+32-bit sums per array leaf (of its bits, one plain and one weighted by the
+element's position), computed on the devices, so a sharded state costs one
+small reduction and no copy; and a SHA-256 of each JSON item. Integer sums do
+not depend on the order of addition, so they are the same whatever mesh
+saves or restores. ``restore`` without a step takes the newest checkpoint
+that is whole: one that is unfinished (a save killed before Orbax renamed
+its ``*.orbax-checkpoint-tmp*`` directory), unreadable, or whose arrays or
+JSON items do not match their checksum is moved aside to ``<step>.unusable``
+(never deleted) with one warning line, and the next older one is tried. A
+checkpoint that reads well but holds another model is not damage: that is
+refused (``CheckpointError``) and left where it is.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
+import sys
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from motivation_jax.errors import CheckpointError
 
-ITEMS = ("state", "controller", "data_position", "config", "dataset", "eval_stats")
+ITEMS = ("state", "controller", "data_position", "config", "dataset", "eval_stats",
+         "log_interval", "checksum")
+# A directory Orbax is still writing (or was, when the process died).
+_UNFINISHED = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+SET_ASIDE_SUFFIX = ".unusable"
+
+
+class _Damaged(Exception):
+  """A checkpoint that cannot be used as it is (internal: ``restore`` skips it)."""
+
+
+def _leaf_sums(x: jax.Array) -> jax.Array:
+  """``[sum of the bits, sum of the bits weighted by position]`` of one array,
+  as wrapping uint32 sums: exact, so independent of the order of addition."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  else:
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)  # 8 bytes: (..., 2)
+  # Each element's flat index from iotas, not a reshape (which could gather a
+  # sharded array onto one device).
+  index = jnp.zeros(bits.shape, jnp.uint32)
+  stride = 1
+  for dim in reversed(range(bits.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, dim) * jnp.uint32(stride)
+    stride = (stride * bits.shape[dim]) % 2**32
+  weight = index * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15) | jnp.uint32(1)
+  return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weight, dtype=jnp.uint32)])
+
+
+_tree_sums = jax.jit(lambda tree: jax.tree.map(_leaf_sums, tree))
+
+
+def _path_name(path) -> str:
+  """``opt_state/0/mu/...``: the same for a ``TrainState`` and for the nested
+  dicts Orbax restores it as without a target."""
+  return "/".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))))
+                  for k in path)
+
+
+def array_checksums(tree) -> dict[str, list[int]]:
+  """``{leaf path: [plain sum, weighted sum]}`` of every array in ``tree``."""
+  sums = jax.device_get(_tree_sums(tree))
+  return {_path_name(path): [int(v) for v in np.asarray(leaf)]
+          for path, leaf in jax.tree_util.tree_leaves_with_path(sums)}
+
+
+def json_checksum(value) -> str:
+  return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _first_difference(saved: dict, now: dict) -> str | None:
+  for path in sorted(set(saved) | set(now)):
+    if saved.get(path) != now.get(path):
+      return path
+  return None
 
 
 def _placed(abstract: Any) -> Any:
@@ -47,6 +124,37 @@ def _placed(abstract: Any) -> Any:
                       jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
 
 
+def _drop_closed_loop_callbacks() -> None:
+  """Keeps the reads of a damaged checkpoint from printing tracebacks.
+
+  When one array of a checkpoint cannot be read, Orbax gives up and closes its
+  event loop while TensorStore is still reading the others; each of those
+  reads then finds the loop closed, and Python prints its ``RuntimeError:
+  Event loop is closed`` as an unraisable exception, after the one line that
+  says what is wrong. Those (and only those) are dropped.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_closed_loop_callbacks", False):
+    return
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook._drops_closed_loop_callbacks = True
+  sys.unraisablehook = hook
+
+
+def _first_line(e: BaseException) -> str:
+  first = (str(e).strip().splitlines() or [""])[0]
+  return f"{type(e).__name__}: {first[:300]}"
+
+
+def _shape_and_dtype(leaf) -> tuple[tuple[int, ...], str]:
+  return tuple(leaf.shape), str(np.dtype(leaf.dtype))
+
+
 class Checkpointer:
   """A thin wrapper over ``ocp.CheckpointManager`` for this package's items."""
 
@@ -61,34 +169,120 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, *, state, controller_state: dict, data_position: dict,
-           config: dict, dataset: dict, eval_stats=None) -> None:
+           config: dict, dataset: dict, eval_stats=None, log_interval: dict | None = None
+           ) -> None:
+    """Starts writing checkpoint ``step`` (Orbax finishes it in the background;
+    ``committed_step`` waits for it). ``log_interval`` is the training metrics
+    since the last log line, so a resumed run logs the same means."""
+    checksum = {"state": array_checksums(state),
+                "controller": json_checksum(controller_state),
+                "data_position": json_checksum(data_position)}
     items = dict(state=ocp.args.StandardSave(state),
                  controller=ocp.args.JsonSave(controller_state),
                  data_position=ocp.args.JsonSave(data_position),
                  config=ocp.args.JsonSave(config),
-                 dataset=ocp.args.JsonSave(dataset))
+                 dataset=ocp.args.JsonSave(dataset),
+                 log_interval=ocp.args.JsonSave(log_interval or {}))
     if eval_stats is not None:
       items["eval_stats"] = ocp.args.StandardSave(eval_stats)
+      checksum["eval_stats"] = array_checksums(eval_stats)
+    items["checksum"] = ocp.args.JsonSave(checksum)
     self.manager.save(step, args=ocp.args.Composite(**items))
 
+  def committed_step(self) -> int | None:
+    """The newest checkpoint that is completely written, after waiting for a
+    save in flight (``latest_step`` alone may name one Orbax is still writing)."""
+    self.manager.wait_until_finished()
+    return self.manager.latest_step()
+
   def restore(self, abstract_state, step: int | None = None
-              ) -> tuple[Any, dict, dict, int] | None:
-    """A checkpoint (the latest by default) as ``(state, controller_state,
-    data_position, step)``, or None when there is none."""
-    step = self.manager.latest_step() if step is None else step
-    if step is None:
-      return None
+              ) -> tuple[Any, dict, dict, int, dict] | None:
+    """A checkpoint as ``(state, controller_state, data_position, step,
+    log_interval)``, or None when there is none.
+
+    Without ``step``: the newest checkpoint that is whole; each unfinished or
+    damaged one on the way is moved aside with one warning line (module
+    docstring). With ``step``: that one, or a ``CheckpointError``.
+    """
     abstract_state = _placed(abstract_state)
-    restored = self._restore(step, state=ocp.args.StandardRestore(abstract_state),
-                             controller=ocp.args.JsonRestore(),
-                             data_position=ocp.args.JsonRestore())
-    state = restored["state"]
-    restored_shapes = jax.tree.map(lambda x: (x.shape, x.dtype), state)
-    expected = jax.tree.map(lambda x: (x.shape, x.dtype), abstract_state)
-    if restored_shapes != expected:
-      raise CheckpointError(f"the checkpoint at {self.directory}/{step} holds a different "
-                            "model or optimizer than this config builds")
-    return state, restored["controller"], restored["data_position"], step
+    _drop_closed_loop_callbacks()
+    if step is not None:
+      try:
+        return self._restore_checked(abstract_state, step)
+      except _Damaged as e:
+        raise CheckpointError(f"the checkpoint at {self.directory}/{step} is damaged ({e})"
+                              ) from e
+    self._set_aside_unfinished()
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return self._restore_checked(abstract_state, step)
+      except _Damaged as e:
+        self._set_aside(str(step), str(e))
+    return None
+
+  def _restore_checked(self, abstract_state, step: int) -> tuple[Any, dict, dict, int, dict]:
+    """Checkpoint ``step``, its arrays and JSON items verified against its checksum.
+
+    Raises ``_Damaged`` for what is wrong with the files, ``CheckpointError``
+    for a whole checkpoint of another model (shapes read from its metadata).
+    """
+    path = os.path.join(self.directory, str(step))
+    try:
+      metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(path) / "state")
+      saved = sorted(map(_shape_and_dtype, jax.tree.leaves(metadata)))
+    except Exception as e:  # Orbax raises many types
+      raise _Damaged(f"its metadata cannot be read: {_first_line(e)}") from e
+    if saved != sorted(map(_shape_and_dtype, jax.tree.leaves(abstract_state))):
+      raise CheckpointError(f"the checkpoint at {path} holds a different model or optimizer "
+                            "than this config builds")
+    items = dict(state=ocp.args.StandardRestore(abstract_state),
+                 controller=ocp.args.JsonRestore(), data_position=ocp.args.JsonRestore())
+    for name in ("log_interval", "checksum"):  # absent in checkpoints of older versions
+      if os.path.isdir(os.path.join(path, name)):
+        items[name] = ocp.args.JsonRestore()
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:
+      raise _Damaged(f"it cannot be read: {_first_line(e)}") from e
+    checksum = restored.get("checksum") if "checksum" in items else None
+    if checksum is not None:
+      for name in ("controller", "data_position"):
+        if json_checksum(restored[name]) != checksum.get(name):
+          raise _Damaged(f"its {name} item does not match its checksum")
+      differs = _first_difference(checksum["state"], array_checksums(restored["state"]))
+      if differs is not None:
+        raise _Damaged(f"its array state/{differs} does not match its checksum")
+    log_interval = restored.get("log_interval") if "log_interval" in items else None
+    return (restored["state"], restored["controller"], restored["data_position"], step,
+            log_interval or {})
+
+  def _set_aside_unfinished(self) -> None:
+    """Moves aside the directories of saves that never finished (a process
+    killed while Orbax was writing), which Orbax itself ignores."""
+    if not os.path.isdir(self.directory):
+      return
+    finished = {str(s) for s in self.manager.all_steps()}
+    for name in sorted(os.listdir(self.directory)):
+      if _UNFINISHED.match(name) or (name.isdigit() and name not in finished):
+        self._set_aside(name, "its save did not finish")
+
+  def _set_aside(self, name: str, why: str) -> None:
+    """Renames checkpoint directory ``name`` to ``<step>.unusable`` (a name
+    Orbax does not read as a step), says so in one line, and rescans."""
+    step = re.match(r"\d+", name).group()
+    target = os.path.join(self.directory, step + SET_ASIDE_SUFFIX)
+    n = 1
+    while os.path.exists(target):
+      n += 1
+      target = os.path.join(self.directory, f"{step}{SET_ASIDE_SUFFIX}{n}")
+    if jax.process_index() == 0:
+      os.rename(os.path.join(self.directory, name), target)
+      print(f"warning: skipping the checkpoint at {self.directory}/{name}: {why}; "
+            f"moved it to {target}", file=sys.stderr, flush=True)
+    if jax.process_count() > 1:  # the others rescan after process 0 renamed it
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"motivation_jax set aside {name}")
+    self.manager.reload()
 
   def restore_description(self, step: int | None = None) -> tuple[dict, dict, int]:
     """``(config, dataset, step)`` of a checkpoint, without its arrays."""
@@ -114,11 +308,9 @@ class Checkpointer:
     try:
       return self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # Orbax raises many types; the user needs one line.
-      first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
       raise CheckpointError(
-          f"cannot restore the checkpoint at {self.directory}/{step} ({type(e).__name__}: "
-          f"{first_line[:300]}); move it away to start afresh or pick another --workdir"
-      ) from e
+          f"cannot restore the checkpoint at {self.directory}/{step} ({_first_line(e)}); "
+          "move it away to start afresh or pick another --workdir") from e
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -17,7 +17,7 @@ from typing import Callable, NoReturn
 
 from absl import app, flags, logging
 
-from motivation_jax.errors import MotivationError
+from motivation_jax.errors import MotivationError, Preempted
 
 TRACEBACK_ENV = "MOTIVATION_JAX_TRACEBACK"
 
@@ -75,7 +75,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def run(main: Callable[[], None]) -> None:
   """``app.run`` of ``main()``: refuses positional arguments, keeps Orbax's INFO logs
-  quiet unless ``--verbosity`` is given, and reports a ``MotivationError`` in one line."""
+  quiet unless ``--verbosity`` is given, reports a ``MotivationError`` in one line,
+  and a run stopped by a signal (``Preempted``) in one line with its status."""
   def absl_main(argv):
     if len(argv) > 1:
       fail(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -85,4 +86,7 @@ def run(main: Callable[[], None]) -> None:
       main()
     except MotivationError as e:
       fail(str(e), e)
+    except Preempted as e:  # checkpointed and closed: one line, the signal's status
+      print(str(e), file=sys.stderr)
+      sys.exit(e.status)
   app.run(absl_main, flags_parser=parse_flags)

@@ -28,3 +28,18 @@ class CheckpointError(MotivationError, RuntimeError):
 
 class TrainingError(MotivationError, RuntimeError):
   """Training cannot go on (e.g. the loss became NaN)."""
+
+
+class Preempted(Exception):
+  """The run stopped early on request (SIGTERM, SIGINT, or JAX's preemption
+  notice in a multi-process run) after checkpointing the last batch it trained.
+
+  Not an input error: the command line prints the message as it is and exits
+  with ``status``, 128 + the signal's number as shells report a process killed
+  by it (143 for SIGTERM, 130 for SIGINT), so a scheduler that requeues on
+  those statuses still does.
+  """
+
+  def __init__(self, message: str, status: int):
+    super().__init__(message)
+    self.status = status

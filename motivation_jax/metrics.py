@@ -21,14 +21,48 @@ def finite_json(values: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
   return {k: (None if k in bad else v) for k, v in values.items()}, bad
 
 
-class MetricWriter:
-  """Writes scalars; only one process of a multi-host run should enable it."""
+def cut_jsonl(path: str, keep_below: int) -> int:
+  """Cuts the JSON-lines file ``path`` back to its lines whose ``step`` is below
+  ``keep_below``; returns how many lines were removed.
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  A run resumed from the checkpoint of batch N writes again every line a killed
+  process wrote after that checkpoint; cutting them first leaves each line once.
+  The lines are in step order, so the cut is at the first line past N, or at a
+  line a kill left half written. Written to a new file and renamed over the old
+  one, so a kill during the cut leaves one or the other.
+  """
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = f.readlines()
+  kept = 0
+  for line in lines:
+    try:
+      if not line.endswith("\n") or json.loads(line)["step"] >= keep_below:
+        break
+    except (ValueError, KeyError, TypeError):
+      break
+    kept += 1
+  if kept < len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(lines[:kept])
+    os.replace(path + ".tmp", path)
+  return len(lines) - kept
+
+
+class MetricWriter:
+  """Writes scalars; only one process of a multi-host run should enable it.
+
+  ``first_step``: the batch a resumed run starts at. TensorBoard then hides
+  the events a killed process wrote after that batch's checkpoint (its
+  ``purge_step``); ``cut_jsonl`` does the same for metrics.jsonl.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True, first_step: int = 0):
     self.enabled = enabled
     if enabled:
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=first_step + 1)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -40,6 +74,14 @@ class MetricWriter:
     self._jsonl.flush()
     for name, value in scalars.items():  # TensorBoard shows NaN and inf as such
       self._tb.add_scalar(name, value, step)
+
+  def flush(self) -> None:
+    """Puts everything written so far on disk (before a checkpoint: what it
+    covers must survive a kill of this process, or of its machine)."""
+    if self.enabled:
+      self._jsonl.flush()
+      os.fsync(self._jsonl.fileno())
+      self._tb.flush()
 
   def close(self) -> None:
     if self.enabled:

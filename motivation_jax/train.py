@@ -23,6 +23,8 @@ import json
 import math
 import numbers
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -35,8 +37,8 @@ import tqdm
 from motivation_jax import (agreement, checkpoint, data, models, nesting, recalibration,
                             sharding, steps)
 from motivation_jax.controller import Controller
-from motivation_jax.errors import ConfigError, TrainingError
-from motivation_jax.metrics import MetricWriter, finite_json
+from motivation_jax.errors import ConfigError, Preempted, TrainingError
+from motivation_jax.metrics import MetricWriter, cut_jsonl, finite_json
 
 _AT_LEAST_1 = ("an integer >= 1", lambda v: v >= 1)
 _NON_NEGATIVE = ("a finite number >= 0", lambda v: v >= 0)
@@ -120,6 +122,8 @@ class Run:
   workdir: str
   chief: bool                      # process 0 writes the files
   first_step: int                  # 0, or the batch a resumed run starts at
+  # The checkpoint's training metrics since its last log line ({"kind/name": [values]}).
+  log_interval: dict = dataclasses.field(default_factory=dict)
 
   _eval_stats: tuple[int, dict | None] | None = None
 
@@ -195,13 +199,16 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, steps.T
       batch_norm_stats=config.model.batch_norm_stats,
       extension_init=config.model.extension_init, state_sharding=state_sharding)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  state, first_step = resume(ckpt, state, controller, train_data)
+  state, first_step, log_interval = resume(ckpt, state, controller, train_data)
+  chief = jax.process_index() == 0
+  if chief:  # what a killed process wrote after the checkpoint is written again
+    cut_jsonl(os.path.join(workdir, "decisions.jsonl"), keep_below=first_step)
+    cut_jsonl(os.path.join(workdir, "metrics.jsonl"), keep_below=first_step + 1)
 
   # Compile both step kinds up front, from the batches' declared shapes.
   batch_spec = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
                 for name, (shape, dtype) in train_data.global_shapes().items()}
   compiled = {kind: fn.lower(state, batch_spec).compile() for kind, fn in train_steps.items()}
-  chief = jax.process_index() == 0
   put = functools.partial(sharding.global_batch, sharding=batch_sharding)
   run = Run(config=config, dataset=dataset, wmap=wmap, controller=controller,
             train_data=train_data, eval_data=eval_data,
@@ -209,8 +216,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, steps.T
             eval_steps=steps.make_eval_steps(model, normalisation=normalisation),
             recalibrate=make_recalibrate(config, model, wmap, dataset, batch_sharding, put),
             flops={kind: steps.compiled_flops(c) for kind, c in compiled.items()},
-            ckpt=ckpt, writer=MetricWriter(workdir, enabled=chief), workdir=workdir,
-            chief=chief, first_step=first_step)
+            ckpt=ckpt, writer=MetricWriter(workdir, enabled=chief, first_step=first_step),
+            workdir=workdir, chief=chief, first_step=first_step, log_interval=log_interval)
   return run, state
 
 
@@ -236,8 +243,10 @@ def make_recalibrate(config, model, wmap: nesting.WeightsMap, dataset: data.Data
 
 
 def resume(ckpt: checkpoint.Checkpointer, state: steps.TrainState, controller: Controller,
-           train_data: data.TrainBatches) -> tuple[steps.TrainState, int]:
-  """``(state, first batch)`` from the latest checkpoint, or ``(state, 0)`` without one.
+           train_data: data.TrainBatches) -> tuple[steps.TrainState, int, dict]:
+  """``(state, first batch, log interval)`` from the newest intact checkpoint
+  (``Checkpointer.restore`` moves damaged ones aside), or ``(state, 0, {})``
+  without one.
 
   The order matters: the state is restored into the shapes and shardings of
   ``state``, then the controller state (which refuses another motivation
@@ -246,8 +255,8 @@ def resume(ckpt: checkpoint.Checkpointer, state: steps.TrainState, controller: C
   restored = ckpt.restore(jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
   if restored is None:
-    return state, 0
-  state, controller_state, position, _ = restored
+    return state, 0, {}
+  state, controller_state, position, _, log_interval = restored
   try:
     controller.load_state_dict(controller_state)
     first_step = train_data.check_position(position)
@@ -256,7 +265,7 @@ def resume(ckpt: checkpoint.Checkpointer, state: steps.TrainState, controller: C
   if not int(state.step) == first_step == controller.step:
     raise TrainingError(f"checkpoint inconsistent: state at batch {int(state.step)}, data at "
                         f"batch {first_step}, controller at batch {controller.step}")
-  return state, first_step
+  return state, first_step, log_interval
 
 
 class PendingMetrics:
@@ -291,12 +300,25 @@ class PendingMetrics:
     self._interval.clear()
     return means
 
+  def interval(self) -> dict[str, list[float]]:
+    """The values ``interval_means`` will average (checkpointed, so that a
+    resumed run's next log line averages the same batches)."""
+    return {k: list(v) for k, v in self._interval.items()}
+
+  def resume_interval(self, interval: dict[str, list[float]]) -> None:
+    for k, v in interval.items():
+      self._interval[k].extend(v)
+
+  def _read(self, metrics: dict[str, jax.Array]) -> dict[str, float]:
+    """The host values of one batch's metrics; waits for its step if still running."""
+    return {name: float(np.asarray(value)) for name, value in metrics.items()}
+
   def _observe_oldest(self) -> None:
     t, kind, metrics = self._queue.popleft()
-    metrics = jax.device_get(metrics)
-    loss = float(metrics["loss"])
+    metrics = self._read(metrics)
+    loss = metrics["loss"]
     if not math.isfinite(loss):
-      last = self._ckpt.latest_step()
+      last = self._ckpt.committed_step()  # a save in flight is finished first
       kept = (f"the checkpoint of batch {last} in {self._ckpt.directory} is intact"
               if last is not None else "no checkpoint had been written yet")
       raise TrainingError(f"the training loss is {loss} at batch {t} ({kind} step); {kept}; "
@@ -304,14 +326,69 @@ class PendingMetrics:
     self._controller.observe(t, loss)
     self.losses[t] = loss
     for name, value in metrics.items():
-      self._interval[f"{kind}/{name}"].append(float(value))
+      self._interval[f"{kind}/{name}"].append(value)
+
+
+class StopRequest:
+  """SIGTERM and SIGINT as a request to stop at the next batch boundary.
+
+  A single process catches both signals while it trains (``with``): the
+  handler only notes the signal, and ``reached(step)``, asked once per batch,
+  says to checkpoint that batch and stop. A second signal acts as it would
+  without this (the handlers are given back at the first), so a run that
+  hangs can still be stopped.
+
+  In a multi-process run JAX's preemption service owns SIGTERM (it tells every
+  process, and they agree on the batch to stop at): no Python handler replaces
+  it; ``reached`` asks Orbax's ``reached_preemption`` at every batch instead,
+  so all processes checkpoint the same batch.
+  """
+
+  def __init__(self, ckpt: checkpoint.Checkpointer):
+    self._ckpt = ckpt
+    self._multi_process = jax.process_count() > 1
+    self._previous: dict[int, Any] = {}
+    self.signal: signal.Signals | None = None
+
+  def __enter__(self) -> "StopRequest":
+    if not self._multi_process and threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._note)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._give_back()
+
+  def _note(self, signum: int, frame) -> None:
+    self.signal = signal.Signals(signum)
+    self._give_back()
+
+  def _give_back(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+    self._previous.clear()
+
+  def reached(self, step: int) -> bool:
+    """Whether to checkpoint batch ``step`` (batches done) and stop."""
+    if self._multi_process and self.signal is None:
+      if self._ckpt.manager.reached_preemption(step):  # the same answer on every process
+        self.signal = signal.SIGTERM
+    return self.signal is not None
 
 
 def train(run: Run, state: steps.TrainState) -> tuple[steps.TrainState, dict[str, float]]:
   """Trains from ``run.first_step`` to the end; returns the state and the last
-  evaluation (empty if no evaluation was due)."""
+  evaluation (empty if no evaluation was due). Raises ``Preempted`` after
+  checkpointing the batch at which a stop was requested (``StopRequest``)."""
+  with StopRequest(run.ckpt) as stop:
+    return _train(run, state, stop)
+
+
+def _train(run: Run, state: steps.TrainState, stop: StopRequest
+           ) -> tuple[steps.TrainState, dict[str, float]]:
   config, controller = run.config, run.controller
   pending = PendingMetrics(controller, run.ckpt)
+  pending.resume_interval(run.log_interval)
   decisions = agreement.DecisionCheck(controller)  # the same on every process
   eval_metrics: dict[str, float] = {}
   bar = tqdm.tqdm(total=run.total_steps, initial=run.first_step, unit="batch",
@@ -329,14 +406,22 @@ def train(run: Run, state: steps.TrainState) -> tuple[steps.TrainState, dict[str
     step = t + 1
     if step % config.log_every_steps == 0:
       log_training(run, step, pending.interval_means(), bar)
+    stopping = stop.reached(step) and step < run.total_steps
     evaluate_now = run.epoch_ends(step, config.eval_every_epochs) or step == run.total_steps
-    save_now = run.epoch_ends(step, config.checkpoint_every_epochs) or step == run.total_steps
+    save_now = (run.epoch_ends(step, config.checkpoint_every_epochs)
+                or step == run.total_steps or stopping)
     if evaluate_now or save_now:
       decisions.flush()  # before waiting on this step's state
     if evaluate_now:
       eval_metrics = evaluate_and_log(run, state, step, bar)
     if save_now:
       save(run, state, pending, step)
+    if stopping:
+      bar.close()
+      committed = run.ckpt.committed_step()
+      raise Preempted(f"stopped by {stop.signal.name} after batch {step} of "
+                      f"{run.total_steps}: checkpoint {committed} is in {run.ckpt.directory}; "
+                      "the same command resumes from it", 128 + stop.signal.value)
   bar.close()
   return state, eval_metrics
 
@@ -406,26 +491,46 @@ def evaluate_and_log(run: Run, state: steps.TrainState, step: int, bar: tqdm.tqd
 
 
 def save(run: Run, state: steps.TrainState, pending: PendingMetrics, step: int) -> None:
-  """Checkpoints batch ``step``, after the decisions up to it are in decisions.jsonl."""
+  """Checkpoints batch ``step``, after the decisions up to it are in decisions.jsonl
+  and the metrics up to it on disk.
+
+  Those lines are written before the checkpoint commits: if the process dies
+  during the save, the next start resumes from the previous checkpoint and
+  first cuts the logs back to it (``setup``), so no line is ever doubled.
+  """
   pending.flush()
   decisions = run.controller.drain_decisions()
   if run.chief:
     with open(os.path.join(run.workdir, "decisions.jsonl"), "a") as f:
       f.writelines(json.dumps({**d.to_dict(), "loss": pending.losses.pop(d.step)}) + "\n"
                    for d in decisions)
+      f.flush()
+      os.fsync(f.fileno())
+  run.writer.flush()
   run.ckpt.save(step, state=state, controller_state=run.controller.state_dict(),
                 data_position=run.train_data.position(step),
                 config=json.loads(run.config.to_json()), dataset=run.dataset.description(),
-                eval_stats=run.eval_stats(state))
+                eval_stats=run.eval_stats(state), log_interval=pending.interval())
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains both sub-networks and returns the summary (also in workdir/summary.json)."""
   start_time = time.time()
   run, state = setup(config, workdir)
-  state, eval_metrics = train(run, state)
-  if not eval_metrics:  # resumed at the end: nothing was trained or evaluated
-    eval_metrics = evaluate_run(run, state, compare=True)
+  try:
+    state, eval_metrics = train(run, state)
+    if not eval_metrics:  # resumed at the end: nothing was trained or evaluated
+      eval_metrics = evaluate_run(run, state, compare=True)
+  except Exception as e:
+    # Let a save in flight finish (Orbax would otherwise die with the
+    # interpreter, with tracebacks), and close the writers; not when device
+    # work that never finishes is in flight (the error's exit_at_once).
+    if not getattr(e, "exit_at_once", False):
+      try:
+        run.close()
+      except Exception:  # the first error is the one to report
+        pass
+    raise
   run.close()
   summary = summarize(run, eval_metrics, time.time() - start_time)
   if run.chief:

@@ -130,17 +130,19 @@ def test_max_fraction_caps_the_motivated_batches_of_a_run(tmp_path):
   assert reasons.count("max_fraction") == 18
 
 
-def test_a_corrupt_checkpoint_is_refused_in_one_line_and_kept(finished_run, tmp_path):
+def test_a_corrupt_checkpoint_is_set_aside_in_one_line_and_kept(finished_run, tmp_path, capsys):
   workdir = copy_of(finished_run, tmp_path)
   state_dir = workdir / "checkpoints" / "22" / "state"
   for root, _, files in os.walk(state_dir):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"not a checkpoint")
-  with pytest.raises(CheckpointError, match="cannot restore the checkpoint") as e:
-    train.train_and_evaluate(small_config(num_epochs=1), str(workdir))
-  assert "\n" not in str(e.value)
-  assert state_dir.exists()
+  # The only checkpoint is unusable: the run starts afresh, and says why.
+  summary = train.train_and_evaluate(small_config(num_epochs=1), str(workdir))
+  assert summary["resumed_from_step"] == 0
+  warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+  assert len(warnings) == 1 and "checkpoints/22: its metadata cannot be read" in warnings[0]
+  assert (workdir / "checkpoints" / "22.unusable" / "state").exists()
 
 
 def test_resuming_with_another_motivation_config_is_refused(finished_run, tmp_path):
