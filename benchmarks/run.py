@@ -1,0 +1,828 @@
+r"""The performance harness: what the two-model loop costs against its parts.
+
+  python -m benchmarks.run [--config=configs/default.py[:variant]] [--quick] \
+      [--out=benchmarks/results/harness_BACKEND]   # harness_cpu, harness_gpu, ...
+
+Every figure is a ratio of two variants timed in this one process, trial
+against trial: each trial runs both variants back to back (in alternating
+order), and the figure is the median over trials of the per-trial ratio. A
+machine that slows down for a while slows both sides of a trial, so load
+shifts the absolute times far more than the ratios (the load average before
+and after is recorded, and how many cores other processes kept busy during
+the run). The harness measures, for the config's model (the
+"realistic" step) and for a tiny MLP on the same data (a step of about 100 µs
+on a CPU):
+
+1. *Loop overhead*: batches/s of ``train.train``, the real loop (controller,
+   agreement check, metrics read ``decision_lag`` batches late, logging),
+   against a loop that dispatches the same compiled steps on the same batches
+   from the schedule the real loop took, reading no metric. The condition is
+   ``loss_streak(k=1)``, which reads every loss and fires on about half the
+   batches. Both loops take the same batches, put on the device beforehand
+   (``ResidentBatches``: the input pipeline is data_throughput.py's subject).
+   Evaluation and the checkpoint at the end of ``train`` are replaced by what
+   the loop itself owes there (reading every pending loss, waiting for the
+   last step): they are not per-batch costs. Also timed: a bare loop that only
+   reads each loss at the lag (the least any loop that reads losses costs),
+   and the loop's own host work with steps that return at once. Target: >= 0.98
+   for steps of 1 ms or more, >= 0.95 for the tiny step.
+2. *Step cost*: the compiled base step (``run.train_steps``) against an
+   ordinary train step of the standalone base model (``model.standalone``,
+   written here as any Flax user would, with the same optimizer, loss, batch
+   and dtype), and the motivated step against the standalone large model's.
+   Target <= 1.05.
+3. *Host blocking*: the time per batch the loop's metric read waits for the
+   device, at decision lag 0, 1 and 2, and each lag's loop-overhead ratio.
+4. *Compilations*: XLA compilations by program over a whole
+   ``train_and_evaluate`` run with hundreds of switches between the kinds
+   (exactly one per step kind is the target), and the start-up compile time of
+   each kind (tracing, lowering and XLA).
+5. *Whole-run cost*: wall time and training FLOPs of ``train_and_evaluate``
+   with the config's condition against the same run with ``always`` (the large
+   model on every batch), for the same batches.
+6. On an accelerator (or with ``--accelerator``): absolute step times, MFU and
+   peak memory of ResNet-20 in ResNet-56 and ViT-Ti in ViT-S on 32x32 images,
+   in float32 and, where ``config.dtype`` exists, bfloat16.
+
+``--quick`` is for development (fewer and shorter trials; the figures are
+noisier); ``--tiny`` only checks that everything runs (tests/
+test_benchmark_harness.py). Results go to ``OUT.json`` and ``OUT.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import copy
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from motivation_jax import config_lib, data, models, nesting, steps, train
+from motivation_jax.controller import Controller
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+LAGS = (0, 1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+  """How long each measurement runs; ``full`` fits in 5 minutes on 2 cores."""
+  name: str
+  trials: int              # interleaved trials per ratio
+  loop_seconds: float      # about how long one timed loop runs
+  step_seconds: float      # about how long one timed block of steps runs
+  whole_run_epochs: int
+  whole_run_repeats: int
+  switch_batches: int      # batches of the compile-count run
+  models: tuple[str, ...]  # "tiny", "realistic"
+
+
+MODES = {
+    "full": Mode("full", trials=7, loop_seconds=0.8, step_seconds=0.15, whole_run_epochs=3,
+                 whole_run_repeats=2, switch_batches=300, models=("tiny", "realistic")),
+    "quick": Mode("quick", trials=3, loop_seconds=0.25, step_seconds=0.05, whole_run_epochs=1,
+                  whole_run_repeats=1, switch_batches=300, models=("tiny", "realistic")),
+    "tiny": Mode("tiny", trials=1, loop_seconds=0.0, step_seconds=0.0, whole_run_epochs=1,
+                 whole_run_repeats=1, switch_batches=200, models=("tiny",)),
+}
+
+
+# --- what the machine is ------------------------------------------------------------------
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def describe_machine() -> dict[str, Any]:
+  devices = jax.devices()
+  return {
+      "cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+      "python": platform.python_version(), "jax": jax.__version__,
+      "jaxlib": getattr(jax.lib, "__version__", None) or _version("jaxlib"),
+      "backend": jax.default_backend(),
+      "devices": [f"{d.platform}:{d.id} {d.device_kind}" for d in devices],
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+  }
+
+
+def _version(package: str) -> str | None:
+  from importlib import metadata
+  try:
+    return metadata.version(package)
+  except metadata.PackageNotFoundError:
+    return None
+
+
+def load_average() -> list[float]:
+  return [round(x, 2) for x in os.getloadavg()]
+
+
+def cpu_seconds() -> tuple[float, float] | None:
+  """(busy CPU seconds of the whole machine, of this process) so far; None
+  where /proc/stat is missing. Their growth over the run gives how many cores
+  other processes kept busy meanwhile: what load the figures were taken under
+  (the load average counts this harness too)."""
+  try:
+    with open("/proc/stat") as f:
+      fields = [int(v) for v in f.readline().split()[1:]]
+  except OSError:
+    return None
+  busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle, iowait
+  own = os.times()
+  return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+# --- compile counting ---------------------------------------------------------------------
+
+_COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+                   "/jax/core/compile/backend_compile_duration": "compile"}
+
+
+class CompileLog:
+  """Records JAX's compile events (``jax.monitoring``) while active: how many
+  XLA compilations each program had, and the seconds spent tracing, lowering
+  and compiling it. A persistent-cache hit counts as a compilation too (JAX
+  reports it through the same event), which is what a count of programs wants."""
+
+  def __init__(self):
+    self.events: list[tuple[str, str, float]] = []  # (phase, program, seconds)
+
+  def _listen(self, event: str, duration: float, **kwargs) -> None:
+    if event in _COMPILE_EVENTS:
+      self.events.append((_COMPILE_EVENTS[event], str(kwargs.get("fun_name", "?")), duration))
+
+  def __enter__(self) -> CompileLog:
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    jax.monitoring.unregister_event_duration_listener(self._listen)
+
+  def compiles(self) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for phase, name, _ in self.events:
+      if phase == "compile":
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+  def seconds(self, program: str) -> float:
+    return sum(s for _, name, s in self.events if program in name)
+
+
+def step_kind_of(program: str) -> str | None:
+  """The step kind a compiled program is, from its name (``jit(base_train_step)``)."""
+  if "base_train_step" in program:
+    return "base"
+  if "motivated_train_step" in program or "both_train_step" in program:
+    return "motivated"
+  return None
+
+
+def compiles_per_kind(counts: dict[str, int]) -> dict[str, int]:
+  per_kind = {"base": 0, "motivated": 0}
+  for program, n in counts.items():
+    kind = step_kind_of(program)
+    if kind:
+      per_kind[kind] += n
+  return per_kind
+
+
+# --- configs ------------------------------------------------------------------------------
+
+def load_config(spec: str):
+  path, _, variant = spec.partition(":")
+  if not os.path.isabs(path):
+    path = os.path.join(ROOT, path)
+  return config_lib.load_config_file(path, variant or None)
+
+
+def tiny_config(config):
+  """The config's data with a small MLP: a step of about 150 µs on a CPU."""
+  config = copy.deepcopy(config)
+  config.model.name = "mlp"
+  config.model.base = {"widths": (32,)}
+  config.model.motivated = {"widths": (64, 64)}
+  config.optimizer = "adamw"
+  config.learning_rate = 3e-3
+  return config
+
+
+def steps_per_epoch(config) -> int:
+  dataset = data.get_dataset(config.dataset, config.data_dir,
+                             mock_examples=config.mock_data_examples,
+                             image_size=config.image_size)
+  return len(dataset.train) // config.batch_size
+
+
+def loop_config(config, batches: int):
+  """``config`` for timing the loop: about ``batches`` batches, a condition that
+  reads every loss and fires on about half of them, evaluation and checkpoints
+  only at the end, no progress bar."""
+  config = copy.deepcopy(config)
+  config.progress_bar = False
+  config.num_epochs = max(1, math.ceil(batches / steps_per_epoch(config)))
+  config.eval_every_epochs = config.checkpoint_every_epochs = 10**6
+  config.motivation.condition = "loss_streak"
+  config.motivation.loss_streak = {"k": 1, "margin": 0.0, "ema": 0.0}
+  config.motivation.phase_steps = 1
+  config.motivation.warmup_steps = config.motivation.cooldown_steps = 0
+  config.motivation.max_fraction = None
+  return config
+
+
+# --- timing helpers -----------------------------------------------------------------------
+
+def fresh_state(state):
+  """A copy of ``state`` (the steps donate theirs), made before a timed trial."""
+  return jax.block_until_ready(jax.tree.map(jnp.copy, state))
+
+
+def rotated(items: list, trial: int) -> list:
+  """``items`` in an order that changes from trial to trial (no variant always first)."""
+  k = trial % len(items)
+  order = items[k:] + items[:k]
+  return order if trial % 2 == 0 else order[::-1]
+
+
+def median(values) -> float:
+  return float(statistics.median(values))
+
+
+# --- 1 and 3: loop overhead and host blocking ---------------------------------------------
+
+@contextlib.contextmanager
+def loop_only(wait_log: list | None = None):
+  """``train.train`` with the evaluation and checkpoint at its end replaced by
+  what the loop itself owes there: every pending loss read, the last step done.
+  With ``wait_log``, the time of each metric read (the host waiting on the
+  device) is appended to it."""
+  saved = train.evaluate_and_log, train.save, train.PendingMetrics
+
+  def save(run, state, pending, step):
+    pending.flush()
+    jax.block_until_ready(state)
+
+  class TimedPendingMetrics(train.PendingMetrics):
+    def _read(self, metrics):
+      start = time.perf_counter()
+      values = super()._read(metrics)
+      wait_log.append(time.perf_counter() - start)
+      return values
+
+  train.evaluate_and_log = lambda run, state, step, bar: {}
+  train.save = save
+  if wait_log is not None:
+    train.PendingMetrics = TimedPendingMetrics
+  try:
+    yield
+  finally:
+    train.evaluate_and_log, train.save, train.PendingMetrics = saved
+
+
+class ResidentBatches:
+  """Stands in for ``run.train_data`` in the loop trials: the first batches of
+  the run, put on the devices once and served in turn, so that both loops time
+  the loop and the steps, not the input pipeline (on 2 cores its threads would
+  take the cores the steps need; benchmarks/data_throughput.py measures it)."""
+
+  def __init__(self, train_data: data.TrainBatches, put, max_batches: int = 32):
+    self.steps_per_epoch = train_data.steps_per_epoch
+    self.global_batch_size = train_data.global_batch_size
+    self._batches = [put(train_data[t])
+                     for t in range(min(train_data.steps_per_epoch, max_batches))]
+
+  def __getitem__(self, t: int):
+    return self._batches[t % len(self._batches)]
+
+  def iterator(self, start: int, stop: int, *, threads: int = 0, workers: int = 0):
+    return (self[t] for t in range(start, stop))
+
+
+def resident(run: train.Run) -> train.Run:
+  """``run`` reading ``ResidentBatches``."""
+  return dataclasses.replace(run, train_data=ResidentBatches(run.train_data, run.put),
+                             put=lambda batch: batch)
+
+
+def with_lag(run: train.Run, lag: int) -> train.Run:
+  """``run`` with a new controller at decision lag ``lag`` (a trial starts at batch 0)."""
+  config = copy.deepcopy(run.config)
+  config.motivation.decision_lag = lag
+  return dataclasses.replace(run, config=config,
+                             controller=Controller.from_config(config.motivation))
+
+
+def real_loop(run: train.Run, state, lag: int, wait_log: list | None = None
+              ) -> tuple[float, list[str]]:
+  """Seconds of ``train.train`` from batch 0 to the end, and the kinds it ran."""
+  trial = with_lag(run, lag)
+  with loop_only(wait_log):
+    start = time.perf_counter()
+    train.train(trial, state)
+    seconds = time.perf_counter() - start
+  return seconds, [d.kind for d in trial.controller.drain_decisions()]
+
+
+def schedule_loop(run: train.Run, state, schedule: list[str]) -> float:
+  """Seconds of dispatching ``run``'s compiled steps on the same batches from a
+  fixed schedule: no controller, no metric read."""
+  start = time.perf_counter()
+  for t, kind in enumerate(schedule):
+    state, _ = run.train_steps[kind](state, run.train_data[t])
+  jax.block_until_ready(state)
+  return time.perf_counter() - start
+
+
+def reading_loop(run: train.Run, state, schedule: list[str], lag: int) -> float:
+  """``schedule_loop`` that also reads each batch's loss ``lag`` batches late,
+  as the real loop must: the least any loop that reads losses can cost."""
+  start = time.perf_counter()
+  pending = collections.deque()
+  for t, kind in enumerate(schedule):
+    state, metrics = run.train_steps[kind](state, run.train_data[t])
+    pending.append(metrics["loss"])
+    while len(pending) > lag:
+      float(np.asarray(pending.popleft()))
+  jax.block_until_ready(state)
+  return time.perf_counter() - start
+
+
+def host_work(run: train.Run, state, lag: int, batches: int) -> float:
+  """Seconds per batch of the real loop's own host work: ``train.train`` with
+  steps that return at once (the state as it is, a batch's metrics already on
+  the host), so nothing is dispatched and no read waits."""
+  _, metrics = run.train_steps["base"](fresh_state(state), run.train_data[0])
+  metrics = jax.block_until_ready(metrics)
+  instant = lambda state, batch: (state, metrics)  # noqa: E731
+  config = copy.deepcopy(run.config)
+  config.num_epochs = max(1, batches // run.train_data.steps_per_epoch)
+  trial = dataclasses.replace(run, config=config,
+                              train_steps={"base": instant, "motivated": instant})
+  seconds, kinds = real_loop(trial, state, lag)
+  return seconds / len(kinds)
+
+
+def measure_loop(run: train.Run, state0, mode: Mode) -> dict[str, Any]:
+  """Loop overhead at each lag, interleaved with its schedule loop, and the host's
+  wait per batch in the metric reads."""
+  schedules = {}
+  for lag in LAGS:  # warm-up, and the schedule each lag takes
+    _, schedules[lag] = real_loop(run, fresh_state(state0), lag)
+    schedule_loop(run, fresh_state(state0), schedules[lag])
+  n = len(schedules[LAGS[0]])
+  variants = ["real", "sched", "read"]
+  times: dict[str, list[float]] = {f"{v}{lag}": [] for lag in LAGS for v in variants}
+  same_schedule = True
+  for trial in range(mode.trials):
+    for lag in rotated(list(LAGS), trial):
+      for variant in rotated(variants, trial + lag):
+        state = fresh_state(state0)
+        if variant == "real":
+          seconds, kinds = real_loop(run, state, lag)
+          same_schedule &= kinds == schedules[lag]
+        elif variant == "read":
+          seconds = reading_loop(run, state, schedules[lag], lag)
+        else:
+          seconds = schedule_loop(run, state, schedules[lag])
+        times[f"{variant}{lag}"].append(seconds)
+  out: dict[str, Any] = {"batches": n, "trials": mode.trials,
+                         "decisions_identical_across_trials": same_schedule, "lags": {}}
+  for lag in LAGS:
+    real, sched = times[f"real{lag}"], times[f"sched{lag}"]
+    waits: list[float] = []
+    real_loop(run, fresh_state(state0), lag, wait_log=waits)
+    kinds = schedules[lag]
+    out["lags"][str(lag)] = {
+        "overhead_ratio": median(s / r for s, r in zip(sched, real)),
+        # The same for a bare loop that only reads each loss at this lag.
+        "reading_loop_ratio": median(s / r for s, r in zip(sched, times[f"read{lag}"])),
+        "real_us_per_batch": median(real) / n * 1e6,
+        "schedule_us_per_batch": median(sched) / n * 1e6,
+        "extra_us_per_batch": median(r - s for s, r in zip(sched, real)) / n * 1e6,
+        "host_wait_us_per_batch": sum(waits) / n * 1e6,
+        "host_work_us_per_batch": host_work(run, fresh_state(state0), lag, 2000) * 1e6,
+        "motivated_fraction": kinds.count("motivated") / n,
+        "switches": sum(a != b for a, b in zip(kinds, kinds[1:])),
+    }
+  return out
+
+
+# --- 2: step cost against the standalone models -------------------------------------------
+
+def standalone_train_step(module, optimizer) -> Callable:
+  """An ordinary Flax train step of a plain model, as a user who trained that
+  model alone would write it (independent of ``steps.py``): the reference."""
+  def step(variables, opt_state, batch):
+    def objective(params):
+      logits, mutated = module.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                     batch["image"], train=True, mutable=["batch_stats"])
+      return steps.cross_entropy_loss(logits, batch["label"]), (logits,
+                                                                 mutated.get("batch_stats", {}))
+    (loss, (logits, stats)), grads = jax.value_and_grad(objective, has_aux=True)(
+        variables["params"])
+    updates, opt_state = optimizer.update(grads, opt_state, variables["params"])
+    params = optax.apply_updates(variables["params"], updates)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return {"params": params, "batch_stats": stats}, opt_state, {"loss": loss,
+                                                                 "accuracy": accuracy}
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def measure_steps(run: train.Run, state0, mode: Mode) -> dict[str, Any]:
+  """Each compiled step kind against its standalone model's step: the same batch
+  (already on the device), optimizer and dtype; interleaved timed blocks."""
+  config = run.config
+  model = models.build_model(config.model, run.dataset.num_classes)
+  optimizer = steps.make_optimizer(config, run.total_steps, run.train_data.steps_per_epoch)
+  batch = run.put(run.train_data[0])
+  runners: dict[str, Callable[[int], None]] = {}
+  flops: dict[str, float] = {}
+  holder = {"nested": fresh_state(state0)}
+
+  def nested_runner(kind):
+    fn = run.train_steps[kind]
+
+    def go(k):
+      state = holder["nested"]
+      for _ in range(k):
+        state, metrics = fn(state, batch)
+      holder["nested"] = jax.block_until_ready(state)
+    return go
+
+  for kind in ("base", "motivated"):
+    runners[f"nested {kind}"] = nested_runner(kind)
+    flops[f"nested {kind}"] = run.flops[kind]
+    variables = nesting.export(state0.variables(kind), kind, run.wmap)
+    variables.setdefault("batch_stats", {})
+    variables = jax.tree.map(jnp.copy, variables)
+    opt_state = optimizer.init(variables["params"])
+    compiled = standalone_train_step(model.standalone(kind), optimizer).lower(
+        variables, opt_state, batch).compile()
+    flops[f"standalone {kind}"] = steps.compiled_flops(compiled)
+    holder[kind] = (variables, opt_state)
+
+    def standalone_runner(kind=kind, compiled=compiled):
+      def go(k):
+        variables, opt_state = holder[kind]
+        for _ in range(k):
+          variables, opt_state, metrics = compiled(variables, opt_state, batch)
+        holder[kind] = jax.block_until_ready((variables, opt_state))
+      return go
+    runners[f"standalone {kind}"] = standalone_runner()
+
+  repeats = {}
+  for name, go in runners.items():  # warm-up, and steps per timed block
+    go(2)
+    start = time.perf_counter()
+    go(5)
+    per_step = (time.perf_counter() - start) / 5
+    repeats[name] = max(3, int(mode.step_seconds / per_step)) if mode.step_seconds else 1
+  times: dict[str, list[float]] = {name: [] for name in runners}
+  for trial in range(mode.trials):
+    for name in rotated(list(runners), trial):
+      start = time.perf_counter()
+      runners[name](repeats[name])
+      times[name].append((time.perf_counter() - start) / repeats[name])
+  out = {"trials": mode.trials}
+  for kind in ("base", "motivated"):
+    nested, alone = times[f"nested {kind}"], times[f"standalone {kind}"]
+    out[kind] = {"ratio": median(a / b for a, b in zip(nested, alone)),
+                 "nested_us": median(nested) * 1e6, "standalone_us": median(alone) * 1e6,
+                 "nested_flops": flops[f"nested {kind}"],
+                 "standalone_flops": flops[f"standalone {kind}"]}
+  return out
+
+
+# --- 4 and 5: compiles over a whole run, and the whole run's cost -------------------------
+
+def measure_compiles(config, mode: Mode, workdir: str) -> dict[str, Any]:
+  """Compilations over one whole ``train_and_evaluate`` with hundreds of switches."""
+  config = loop_config(config, mode.switch_batches)
+  config.log_every_steps = max(1, min(config.log_every_steps, 50))
+  with CompileLog() as log:
+    summary = train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "decisions.jsonl")) as f:
+    kinds = [json.loads(line)["kind"] for line in f]
+  counts = log.compiles()
+  return {
+      "batches": len(kinds),
+      "switches": sum(a != b for a, b in zip(kinds, kinds[1:])),
+      "motivated_batches": summary["motivated_steps"],
+      "compiles_per_kind": compiles_per_kind(counts),
+      "compiles_by_program": counts,
+      "startup_compile_s": {kind: sum(s for _, name, s in log.events
+                                      if step_kind_of(name) == kind)
+                            for kind in ("base", "motivated")},
+  }
+
+
+def measure_whole_run(config, mode: Mode, workdir: str) -> dict[str, Any]:
+  """``train_and_evaluate`` with the config's condition against ``always`` (the
+  large model on every batch), same batches; interleaved repeats."""
+  config = copy.deepcopy(config)
+  config.progress_bar = False
+  config.num_epochs = mode.whole_run_epochs
+  alone = copy.deepcopy(config)
+  alone.motivation.condition = "always"
+  variants = {"motivated run": config, "large alone": alone}
+  results: dict[str, list[dict]] = {name: [] for name in variants}
+  for trial in range(mode.whole_run_repeats):
+    for name in rotated(list(variants), trial):
+      directory = os.path.join(workdir, f"{name.replace(' ', '_')}_{trial}")
+      results[name].append(train.train_and_evaluate(variants[name], directory))
+  out: dict[str, Any] = {"epochs": mode.whole_run_epochs, "repeats": mode.whole_run_repeats}
+  for name, summaries in results.items():
+    last = summaries[-1]
+    out[name] = {"wall_time_s": median(s["wall_time_s"] for s in summaries),
+                 "training_flops": last["training_flops"],
+                 "base_steps": last["base_steps"], "motivated_steps": last["motivated_steps"],
+                 "base_test_accuracy": last["base/test_accuracy"],
+                 "motivated_test_accuracy": last["motivated/test_accuracy"]}
+  out["wall_time_ratio"] = median(
+      a["wall_time_s"] / b["wall_time_s"]
+      for a, b in zip(results["motivated run"], results["large alone"]))
+  out["flops_ratio"] = (out["motivated run"]["training_flops"]
+                        / out["large alone"]["training_flops"])
+  return out
+
+
+# --- 6: absolute step times on an accelerator ---------------------------------------------
+
+# Dense peak FLOP/s per chip, float32 / bfloat16 (vendor data sheets; SXM parts).
+PEAK_FLOPS = {"H100": (67e12, 989e12), "H200": (67e12, 989e12), "A100": (19.5e12, 312e12),
+              "L4": (30e12, 121e12)}
+# (label, config file): ResNet-20 in ResNet-56, ViT-Ti in ViT-S, 32x32, batch 128.
+ACCELERATOR_CONFIGS = (("resnet20 in resnet56", "configs/cifar10_resnet.py"),
+                       ("vit-ti in vit-s", "configs/cifar10_vit.py"))
+
+
+def peak_flops(device, dtype: str) -> float | None:
+  for key, (fp32, bf16) in PEAK_FLOPS.items():
+    if key.lower() in device.device_kind.lower():
+      return bf16 if dtype == "bfloat16" else fp32
+  return None
+
+
+def measure_accelerator(mode: Mode, workdir: str, *, batch_size: int | None = None,
+                        variant: str | None = None) -> list[dict[str, Any]]:
+  """Absolute step times, MFU and peak memory per step kind (item 6), through
+  ``train.setup`` (TFDS mock data stands in for CIFAR-10); bfloat16 too where
+  the config has ``dtype``."""
+  device = jax.devices()[0]
+  rows = []
+  for label, path in ACCELERATOR_CONFIGS:
+    base_config = load_config(path + (f":{variant}" if variant else ""))
+    dtypes = ["float32"] + (["bfloat16"] if "dtype" in base_config else [])
+    for dtype in dtypes:
+      config = copy.deepcopy(base_config)
+      if "dtype" in config:
+        config.dtype = dtype
+      config.mock_data_examples = max(config.mock_data_examples, 256)
+      config.batch_size = batch_size or config.batch_size
+      config.progress_bar = False
+      config.bn_recalibration_batches = 0
+      run, state = train.setup(config, os.path.join(workdir, f"{label}_{dtype}"))
+      batch = run.put(run.train_data[0])
+      for kind in ("base", "motivated"):
+        compiled = run.train_steps[kind]
+        for _ in range(3):
+          state, metrics = compiled(state, batch)
+        jax.block_until_ready(state)
+        repeats = 2 if mode.name == "tiny" else 20
+        times = []
+        for _ in range(max(mode.trials, 1)):
+          start = time.perf_counter()
+          for _ in range(repeats):
+            state, metrics = compiled(state, batch)
+          jax.block_until_ready(state)
+          times.append((time.perf_counter() - start) / repeats)
+        step_s = median(times)
+        peak = peak_flops(device, dtype)
+        stats = device.memory_stats() or {}
+        rows.append({"model": label, "dtype": dtype, "kind": kind, "batch": config.batch_size,
+                     "step_ms": step_s * 1e3, "flops": run.flops[kind],
+                     "mfu": run.flops[kind] / step_s / peak if peak else None,
+                     "peak_memory_gib": (stats["peak_bytes_in_use"] / 2**30
+                                         if "peak_bytes_in_use" in stats else None)})
+      run.close()
+  return rows
+
+
+# --- the whole harness --------------------------------------------------------------------
+
+def measure_model(label: str, config, mode: Mode, workdir: str) -> dict[str, Any]:
+  start = time.perf_counter()
+  out: dict[str, Any] = {"model": {k: (dict(v) if hasattr(v, "items") else v)
+                                   for k, v in config.model.items()},
+                         "dataset": config.dataset, "batch_size": config.batch_size,
+                         "optimizer": config.optimizer}
+  out["compiles"] = measure_compiles(config, mode, os.path.join(workdir, "compiles"))
+  # The loop's run: enough batches for mode.loop_seconds at the motivated step's pace.
+  probe = loop_config(config, 1)
+  with CompileLog() as log:
+    run, state0 = train.setup(probe, os.path.join(workdir, "probe"))
+  out["setup_compiles_per_kind"] = compiles_per_kind(log.compiles())
+  step_out = measure_steps(run, state0, mode)
+  out["step_cost"] = step_out
+  run.close()
+  per_batch = (step_out["base"]["nested_us"] + step_out["motivated"]["nested_us"]) / 2e6
+  # At least two epochs, so that a trial is more than its start and end.
+  batches = max(2 * run.train_data.steps_per_epoch,
+                int(mode.loop_seconds / per_batch)) if mode.loop_seconds else 20
+  with CompileLog() as log:
+    run, state0 = train.setup(loop_config(config, batches), os.path.join(workdir, "loop"))
+    out["loop"] = measure_loop(resident(run), state0, mode)
+  run.close()
+  # After setup, no step kind compiles again however often the loop switches.
+  out["loop"]["compiles_per_kind"] = compiles_per_kind(log.compiles())
+  if label == mode.models[-1]:
+    out["whole_run"] = measure_whole_run(config, mode, os.path.join(workdir, "whole"))
+  out["seconds"] = time.perf_counter() - start
+  return out
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+  """Each target of the issue, its value and whether it is met."""
+  rows = []
+  for label, r in results["models"].items():
+    lag = str(r["loop_lag"])
+    loop = r["loop"]["lags"][lag]
+    step_ms = loop["schedule_us_per_batch"] / 1e3
+    goal = 0.98 if step_ms >= 1.0 else 0.95
+    rows.append({"what": f"loop overhead, {label} ({step_ms:.2f} ms/batch, lag {lag})",
+                 "value": loop["overhead_ratio"], "target": f">= {goal}",
+                 "met": loop["overhead_ratio"] >= goal})
+    for kind in ("base", "motivated"):
+      ratio = r["step_cost"][kind]["ratio"]
+      rows.append({"what": f"step cost, {label}, {kind} / standalone", "value": ratio,
+                   "target": "<= 1.05", "met": ratio <= 1.05})
+    per_kind = r["compiles"]["compiles_per_kind"]
+    rows.append({"what": f"compiles per step kind, {label}, "
+                         f"{r['compiles']['switches']} switches",
+                 "value": f"{per_kind['base']} / {per_kind['motivated']}",
+                 "target": "1 / 1", "met": per_kind == {"base": 1, "motivated": 1}})
+  return rows
+
+
+def markdown(results: dict[str, Any]) -> str:
+  m = results["machine"]
+  lines = [
+      "# Performance harness: the two-model loop against its parts",
+      "",
+      f"`{results['command']}` ({results['mode']} mode), "
+      f"{m['date']}: {m['cpu']}, {m['cores']} cores; JAX {m['jax']} "
+      f"({m['backend']}: {', '.join(m['devices'])}). Load average (1, 5, 15 min) "
+      f"{results['load_before']} before, {results['load_after']} after (this harness "
+      "included); other processes kept "
+      f"{results.get('other_processes_cores', float('nan')):.2f} cores busy on average "
+      f"meanwhile; {results['seconds']:.0f} s in all.",
+      "",
+      "Ratios are medians over interleaved trials of two variants timed in this process",
+      "(benchmarks/run.py says how each is taken).",
+      "",
+      "## Targets",
+      "",
+      "| what | value | target | met |",
+      "|---|---:|---:|---|",
+  ]
+  for t in results["targets"]:
+    value = f"{t['value']:.3f}" if isinstance(t["value"], float) else t["value"]
+    lines.append(f"| {t['what']} | {value} | {t['target']} | {'yes' if t['met'] else 'NO'} |")
+  for label, r in results["models"].items():
+    model = r["model"]
+    lines += ["", f"## {label}: {model['name']} {model['base']} in {model['motivated']}, "
+                  f"{r['dataset']}, batch {r['batch_size']}, {r['optimizer']}", ""]
+    s = r["step_cost"]
+    lines += ["Step cost (same batch on the device):", "",
+              "| kind | nested µs | standalone µs | ratio | nested GFLOPs | standalone GFLOPs |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for kind in ("base", "motivated"):
+      k = s[kind]
+      lines.append(f"| {kind} | {k['nested_us']:,.0f} | {k['standalone_us']:,.0f} | "
+                   f"{k['ratio']:.3f} | {k['nested_flops'] / 1e9:.4f} | "
+                   f"{k['standalone_flops'] / 1e9:.4f} |")
+    loop = r["loop"]
+    lines += ["", f"Loop (`train.train` against the same steps from its schedule), "
+                  f"{loop['batches']} batches, {loop['trials']} trials:", "",
+              "| decision lag | overhead ratio | bare reading loop | real µs/batch "
+              "| schedule µs/batch | extra µs/batch | host wait µs/batch "
+              "| loop host work µs/batch | motivated | switches |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for lag, k in loop["lags"].items():
+      lines.append(f"| {lag} | {k['overhead_ratio']:.3f} | {k['reading_loop_ratio']:.3f} "
+                   f"| {k['real_us_per_batch']:,.1f} | "
+                   f"{k['schedule_us_per_batch']:,.1f} | {k['extra_us_per_batch']:,.1f} | "
+                   f"{k['host_wait_us_per_batch']:,.1f} | {k['host_work_us_per_batch']:,.1f} | "
+                   f"{k['motivated_fraction']:.2f} | {k['switches']} |")
+    c = r["compiles"]
+    lines += ["", f"Compilations over a whole `train_and_evaluate` of {c['batches']} batches "
+                  f"with {c['switches']} switches: {c['compiles_per_kind']['base']} base, "
+                  f"{c['compiles_per_kind']['motivated']} motivated step; start-up compile "
+                  f"{c['startup_compile_s']['base']:.2f} s (base), "
+                  f"{c['startup_compile_s']['motivated']:.2f} s (motivated). All programs: "
+                  + ", ".join(f"`{k}` {v}" for k, v in sorted(c["compiles_by_program"].items()))
+                  + f". Compiles of a step kind during all the loop trials: "
+                  f"{loop['compiles_per_kind']}."]
+    if "whole_run" in r:
+      w = r["whole_run"]
+      lines += ["", f"Whole run (`train_and_evaluate`, {w['epochs']} epochs, "
+                    f"median of {w['repeats']}):", "",
+                "| run | wall s | training GFLOPs | base steps | motivated steps "
+                "| base acc | motivated acc |", "|---|---:|---:|---:|---:|---:|---:|"]
+      for name in ("motivated run", "large alone"):
+        k = w[name]
+        lines.append(f"| {name} | {k['wall_time_s']:.1f} | {k['training_flops'] / 1e9:,.1f} | "
+                     f"{k['base_steps']} | {k['motivated_steps']} | "
+                     f"{k['base_test_accuracy']:.3f} | {k['motivated_test_accuracy']:.3f} |")
+      lines += ["", f"Motivated run / large alone: wall time {w['wall_time_ratio']:.3f}, "
+                    f"FLOPs {w['flops_ratio']:.3f}."]
+  if results.get("accelerator"):
+    lines += ["", "## Accelerator step times", "",
+              "| model | dtype | kind | batch | ms/step | GFLOPs | MFU | peak GiB |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
+    for a in results["accelerator"]:
+      mfu = "-" if a["mfu"] is None else f"{a['mfu']:.1%}"
+      mem = "-" if a["peak_memory_gib"] is None else f"{a['peak_memory_gib']:.2f}"
+      lines.append(f"| {a['model']} | {a['dtype']} | {a['kind']} | {a['batch']} | "
+                   f"{a['step_ms']:.2f} | {a['flops'] / 1e9:,.1f} | {mfu} | {mem} |")
+  if results.get("note"):
+    lines += ["", results["note"]]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", default="configs/default.py",
+                      help="the realistic step's config, PATH[:variant]")
+  parser.add_argument("--quick", action="store_true", help="fewer, shorter trials")
+  parser.add_argument("--tiny", action="store_true", help="only check that it all runs")
+  parser.add_argument("--accelerator", action="store_true",
+                      help="measure item 6 even on a CPU (always on an accelerator)")
+  parser.add_argument("--out", default=None, help="writes OUT.json and OUT.md "
+                      "(default: benchmarks/results/harness_BACKEND)")
+  parser.add_argument("--note", default="", help="a sentence added to the markdown")
+  args = parser.parse_args(argv)
+  mode = MODES["tiny" if args.tiny else "quick" if args.quick else "full"]
+  args.out = args.out or os.path.join(RESULTS, f"harness_{jax.default_backend()}")
+  start, load_before, cpu_before = time.perf_counter(), load_average(), cpu_seconds()
+  config = load_config(args.config)
+  configs = {"tiny": tiny_config(config), "realistic": config}
+  results: dict[str, Any] = {
+      "command": " ".join(["python -m benchmarks.run",
+                           *(argv if argv is not None else sys.argv[1:])]),
+      "mode": mode.name, "machine": describe_machine(), "load_before": load_before,
+      "models": {}}
+  with tempfile.TemporaryDirectory() as workdir:
+    for label in mode.models:
+      results["models"][label] = measure_model(label, configs[label], mode,
+                                               os.path.join(workdir, label))
+      results["models"][label]["loop_lag"] = configs[label].motivation.decision_lag
+      print(f"{label}: {time.perf_counter() - start:.0f} s", flush=True)
+    if args.accelerator or jax.default_backend() != "cpu":
+      results["accelerator"] = measure_accelerator(
+          mode, os.path.join(workdir, "accelerator"),
+          variant="smoke" if mode.name == "tiny" else None)
+  results["targets"] = targets(results)
+  results["load_after"] = load_average()
+  results["seconds"] = time.perf_counter() - start
+  cpu_after = cpu_seconds()
+  if cpu_before and cpu_after:
+    others = (cpu_after[0] - cpu_before[0]) - (cpu_after[1] - cpu_before[1])
+    results["other_processes_cores"] = max(0.0, others / results["seconds"])
+  results["note"] = args.note
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out + ".json", "w") as f:
+    json.dump(results, f, indent=2)
+  text = markdown(results)
+  with open(args.out + ".md", "w") as f:
+    f.write(text)
+  print(text)
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,36 @@
+"""The performance harness (benchmarks/run.py) runs end to end in its tiny mode.
+
+Only what does not depend on the machine's speed is asserted: one compilation
+per step kind however often the loop switches, and the files it writes. The
+timings themselves are recorded in benchmarks/results/, never asserted here.
+"""
+
+import importlib
+import json
+import sys
+
+from conftest import ROOT
+
+
+def _harness():
+  # Imported as the package module ``python -m benchmarks.run`` runs (its
+  # dataclasses need their module in sys.modules, which load_script skips).
+  if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+  return importlib.import_module("benchmarks.run")
+
+
+def test_the_harness_counts_one_compile_per_kind_and_writes_its_files(tmp_path):
+  out = str(tmp_path / "results" / "harness")
+  results = _harness().main(["--tiny", "--out", out])
+  (tiny,) = results["models"].values()
+  compiles = tiny["compiles"]
+  assert compiles["switches"] >= 100  # a run that switches often ...
+  assert compiles["compiles_per_kind"] == {"base": 1, "motivated": 1}  # ... compiles once
+  assert tiny["setup_compiles_per_kind"] == {"base": 1, "motivated": 1}
+  assert tiny["loop"]["compiles_per_kind"] == {"base": 1, "motivated": 1}
+  recorded = json.load(open(out + ".json"))
+  assert recorded["models"]["tiny"]["compiles"] == compiles
+  assert recorded["machine"]["jax"] and recorded["machine"]["devices"]
+  markdown = open(out + ".md").read()
+  assert recorded["machine"]["cpu"] in markdown and "| compiles per step kind" in markdown
