@@ -116,7 +116,7 @@ class Run:
   eval_steps: dict[str, Callable]  # "base" | "motivated" -> jitted eval step
   # state -> {"base": stats, "motivated": stats} recalibrated, or None (off, or no batch norm)
   recalibrate: Callable[[steps.TrainState], dict | None]
-  flops: dict[str, float]          # per compiled train step, from XLA
+  flops: dict[str, float]          # per train step, all devices together, from XLA
   ckpt: checkpoint.Checkpointer
   writer: MetricWriter
   workdir: str
@@ -215,7 +215,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, steps.T
             put=put, train_steps=compiled,
             eval_steps=steps.make_eval_steps(model, normalisation=normalisation),
             recalibrate=make_recalibrate(config, model, wmap, dataset, batch_sharding, put),
-            flops={kind: steps.compiled_flops(c) for kind, c in compiled.items()},
+            # XLA counts one device's share of the partitioned program: times the
+            # devices, the FLOPs every device executed together.
+            flops={kind: steps.compiled_flops(c) * mesh.size for kind, c in compiled.items()},
             ckpt=ckpt, writer=MetricWriter(workdir, enabled=chief, first_step=first_step),
             workdir=workdir, chief=chief, first_step=first_step, log_interval=log_interval)
   return run, state
