@@ -24,6 +24,14 @@ exchange must precede each step. Asynchronous and four bytes per process, it
 costs one small dispatch per batch and no device stall (docs/choices.md gives
 the measured cost). A single-process run checks nothing.
 
+One runtime does not wait: on CPUs, gloo (JAX's CPU collectives) checks the
+sizes of what it receives and aborts the process ("Is there a distributed
+collective mismatch in your code?") when the divergent step's collectives meet
+the other processes' before the check reads the digests. The run still stops,
+with gloo's message instead of this module's line; tests/test_launch.py accepts
+either (about 1 run in 4 under load on the 2-core machine). NCCL and TPU
+collectives wait instead, and the check fires before anything waits on them.
+
 Test hook (tests only, never set it in a real run): ``MOTIVATION_JAX_TEST_FLIP_DECISION
 =PROCESS:BATCH`` makes process PROCESS dispatch the other step kind at batch
 BATCH, so that tests/test_launch.py can prove the check fires.
