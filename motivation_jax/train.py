@@ -24,6 +24,7 @@ import math
 import numbers
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -199,7 +200,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, steps.T
       batch_norm_stats=config.model.batch_norm_stats,
       extension_init=config.model.extension_init, state_sharding=state_sharding)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  state, first_step, log_interval = resume(ckpt, state, controller, train_data)
+  state, first_step, log_interval = resume(ckpt, state, controller, train_data, config=config)
   chief = jax.process_index() == 0
   if chief:  # what a killed process wrote after the checkpoint is written again
     cut_jsonl(os.path.join(workdir, "decisions.jsonl"), keep_below=first_step)
@@ -244,8 +245,54 @@ def make_recalibrate(config, model, wmap: nesting.WeightsMap, dataset: data.Data
   return calibrated
 
 
+# Config keys a run may change when it resumes: how long it trains, how often it
+# logs, evaluates and checkpoints, how its batches are fed and laid out on the
+# devices. The state means the same afterwards. (num_epochs also stretches the
+# learning-rate schedule from the resumed batch on.) Any other key that differs
+# is refused. motivation.*, seed and batch_size are left to the controller and
+# the data position, which refuse them with their own messages.
+SAFE_TO_CHANGE_ON_RESUME = (
+    "num_epochs", "log_every_steps", "eval_every_epochs", "checkpoint_every_epochs",
+    "bn_recalibration_batches", "eval_batch_size", "data_threads", "data_workers",
+    "data_dir", "progress_bar", "mesh.")
+_CHECKED_ELSEWHERE = ("motivation.", "seed", "batch_size")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def check_resumed_config(saved: dict | None, config: ml_collections.ConfigDict,
+                         directory: str) -> list[str]:
+  """Refuses, in one line, a config that would change what the checkpoint's
+  state means (the model, any sub-network, the optimizer, the data set);
+  returns the safe keys that changed. A key the checkpoint did not record
+  (an older checkpoint) is not compared."""
+  if not saved:
+    return []
+  old, new = _flat(saved), _flat(json.loads(config.to_json()))
+  changed = sorted(k for k in old.keys() & new.keys() if old[k] != new[k]
+                   and not k.startswith(_CHECKED_ELSEWHERE))
+  def safe(key):
+    return any(key == s or (s.endswith(".") and key.startswith(s))
+               for s in SAFE_TO_CHANGE_ON_RESUME)
+  refused = [k for k in changed if not safe(k)]
+  if refused:
+    raise ConfigError(f"cannot resume from {directory}: the config differs in "
+                      + ", ".join(f"{k} ({old[k]!r} -> {new[k]!r})" for k in refused)
+                      + "; that changes what the saved state means: use a new --workdir")
+  return [k for k in changed if safe(k)]
+
+
 def resume(ckpt: checkpoint.Checkpointer, state: steps.TrainState, controller: Controller,
-           train_data: data.TrainBatches) -> tuple[steps.TrainState, int, dict]:
+           train_data: data.TrainBatches, *, config: ml_collections.ConfigDict | None = None
+           ) -> tuple[steps.TrainState, int, dict]:
   """``(state, first batch, log interval)`` from the newest intact checkpoint
   (``Checkpointer.restore`` moves damaged ones aside), or ``(state, 0, {})``
   without one.
@@ -258,7 +305,12 @@ def resume(ckpt: checkpoint.Checkpointer, state: steps.TrainState, controller: C
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
   if restored is None:
     return state, 0, {}
-  state, controller_state, position, _, log_interval = restored
+  state, controller_state, position, step, log_interval = restored
+  if config is not None:
+    saved_config, _, _ = ckpt.restore_description(step)
+    changed = check_resumed_config(saved_config, config, ckpt.directory)
+    if changed and jax.process_index() == 0:
+      print(f"resuming with changed {', '.join(changed)} (safe to continue with)", file=sys.stderr)
   try:
     controller.load_state_dict(controller_state)
     first_step = train_data.check_position(position)

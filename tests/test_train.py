@@ -168,12 +168,22 @@ def test_a_nan_loss_stops_training_with_one_line(tmp_path):
   assert "\n" not in str(e.value)
 
 
-def test_a_nan_loss_after_a_checkpoint_names_it_and_keeps_it(finished_run, tmp_path):
+def test_a_nan_loss_after_a_checkpoint_names_it_and_keeps_it(finished_run, tmp_path,
+                                                             monkeypatch):
   workdir = copy_of(finished_run, tmp_path)
-  with pytest.raises(TrainingError, match=r"loss is nan at batch 2[2-9] .*the checkpoint of "
+  push = train.PendingMetrics.push
+
+  def nan_from_batch_25(self, t, kind, metrics):
+    if t >= 25:
+      metrics = {**metrics, "loss": jax.numpy.array(float("nan"))}
+    return push(self, t, kind, metrics)
+
+  # The second epoch (a safe change on resume) diverges at batch 25. (A larger
+  # learning rate would do it for real, but resuming with one is refused.)
+  monkeypatch.setattr(train.PendingMetrics, "push", nan_from_batch_25)
+  with pytest.raises(TrainingError, match=r"loss is nan at batch 25 .*the checkpoint of "
                      r"batch 22 in .* is intact"):
-    # The second epoch diverges: same motivation config, a learning rate that explodes.
-    train.train_and_evaluate(small_config(learning_rate=1e30), str(workdir))
+    train.train_and_evaluate(small_config(num_epochs=2), str(workdir))
   ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"))
   assert ckpt.latest_step() == 22
   ckpt.close()
@@ -267,3 +277,24 @@ def test_a_bug_in_model_code_is_not_reported_as_a_config_error(monkeypatch):
   dataset = train.data.get_dataset("digits")
   with pytest.raises(TypeError, match="a bug in the family's code"):
     train.build(config, dataset)
+
+
+def test_resume_refuses_a_config_that_changes_what_the_state_means(finished_run, tmp_path):
+  workdir = copy_of(finished_run, tmp_path)
+  # Same motivated model, another base: the saved shapes alone cannot tell.
+  with pytest.raises(ConfigError, match=r"model\.base\.widths \(\[32\] -> \[16\]\)") as e:
+    train.train_and_evaluate(small_config(num_epochs=1, **{"model.base": {"widths": (16,)}}),
+                             str(workdir))
+  assert "\n" not in str(e.value) and "use a new --workdir" in str(e.value)
+  with pytest.raises(ConfigError, match=r"learning_rate \(0\.003 -> 0\.01\)"):
+    train.train_and_evaluate(small_config(num_epochs=1, learning_rate=0.01), str(workdir))
+
+
+def test_resume_continues_with_more_epochs_and_says_so(finished_run, tmp_path, capsys):
+  workdir = copy_of(finished_run, tmp_path)
+  summary = train.train_and_evaluate(small_config(num_epochs=2, log_every_steps=5),
+                                     str(workdir))
+  assert summary["resumed_from_step"] == 22 and summary["base_steps"] + summary[
+      "motivated_steps"] == 44
+  err = capsys.readouterr().err
+  assert "resuming with changed log_every_steps, num_epochs (safe to continue with)" in err
