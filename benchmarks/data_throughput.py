@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from motivation_jax import config_lib, data, steps, train
+from motivation_jax.common import cpu_model
 from motivation_jax.errors import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -267,14 +268,6 @@ def workers_markdown(rows: list[dict], machine: str) -> str:
         + f" | {r['batch_bytes']:,} | {r['batch_bytes_float32']:,} "
         f"| {', '.join(f'{v:.2f}' for v in r['load_average'])} |")
   return "\n".join(lines) + "\n"
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    return platform.processor() or platform.machine()
 
 
 def describe_machine() -> str:

@@ -73,6 +73,7 @@ import numpy as np
 import optax
 
 from motivation_jax import config_lib, data, models, nesting, steps, train
+from motivation_jax.common import cpu_model
 from motivation_jax.controller import Controller
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,17 +105,6 @@ MODES = {
 
 
 # --- what the machine is ------------------------------------------------------------------
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
 
 def describe_machine() -> dict[str, Any]:
   devices = jax.devices()

@@ -7,6 +7,7 @@ needs another to learn what a sub-network or a policy is called.
 
 from __future__ import annotations
 
+import platform
 from typing import Iterable
 
 from motivation_jax.errors import ConfigError
@@ -30,3 +31,16 @@ def check_keys(given: Iterable[str], known: Iterable[str], what: str) -> None:
   for key in given:
     if key not in known:
       raise ConfigError(f"{key!r} is not {what}; known: {', '.join(known) or 'none'}")
+
+
+def cpu_model() -> str:
+  """The CPU's model name (Linux's /proc/cpuinfo), for the machine line of
+  reports and benchmark results; elsewhere what ``platform`` knows."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()

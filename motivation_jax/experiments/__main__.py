@@ -12,7 +12,6 @@ input are one line with exit status 2 (``motivation_jax.cli``).
 from __future__ import annotations
 
 import os
-import platform
 import shlex
 import sys
 
@@ -21,6 +20,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from motivation_jax import cli
+from motivation_jax.common import cpu_model
 from motivation_jax.experiments import report, suite
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
@@ -35,12 +35,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def describe_machine() -> str:
   """CPU model, cores, memory and JAX's devices, for the report."""
-  cpu = platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
   memory = ""
   try:
     pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
@@ -48,7 +42,7 @@ def describe_machine() -> str:
   except (ValueError, OSError, AttributeError):
     pass
   devices = jax.devices()
-  return (f"{cpu}, {os.cpu_count()} cores{memory}; JAX {jax.__version__}, "
+  return (f"{cpu_model()}, {os.cpu_count()} cores{memory}; JAX {jax.__version__}, "
           f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()})")
 
 
