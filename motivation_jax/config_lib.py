@@ -51,3 +51,15 @@ def variant(config: ml_collections.ConfigDict, arg: str | None, *,
   elif arg is not None:
     raise ValueError(f"unknown config variant {arg!r}; known: smoke")
   return config
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+  """A nested dict (a config's ``to_json``) as ``{"dotted.key": value}``: what
+  resume and the experiments suite compare, key by key, to name differences."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out

@@ -35,8 +35,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from motivation_jax import (agreement, checkpoint, data, models, nesting, recalibration,
-                            sharding, steps)
+from motivation_jax import (agreement, checkpoint, config_lib, data, models, nesting,
+                            recalibration, sharding, steps)
 from motivation_jax.controller import Controller
 from motivation_jax.errors import ConfigError, Preempted, TrainingError
 from motivation_jax.metrics import MetricWriter, cut_jsonl, finite_json
@@ -258,16 +258,6 @@ SAFE_TO_CHANGE_ON_RESUME = (
 _CHECKED_ELSEWHERE = ("motivation.", "seed", "batch_size")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def check_resumed_config(saved: dict | None, config: ml_collections.ConfigDict,
                          directory: str) -> list[str]:
   """Refuses, in one line, a config that would change what the checkpoint's
@@ -276,7 +266,7 @@ def check_resumed_config(saved: dict | None, config: ml_collections.ConfigDict,
   (an older checkpoint) is not compared."""
   if not saved:
     return []
-  old, new = _flat(saved), _flat(json.loads(config.to_json()))
+  old, new = config_lib.flat(saved), config_lib.flat(json.loads(config.to_json()))
   changed = sorted(k for k in old.keys() & new.keys() if old[k] != new[k]
                    and not k.startswith(_CHECKED_ELSEWHERE))
   def safe(key):

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Sequence
 import ml_collections
 import numpy as np
 
-from motivation_jax import train
+from motivation_jax import config_lib, train
 from motivation_jax.errors import ConfigError
 
 ARMS = ("base_alone", "motivated", "large_alone", "random_rate", "random_times")
@@ -144,12 +144,11 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     json.dump({"config": mine}, f, indent=2)
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-  """Dotted keys where two config dicts differ."""
-  if isinstance(a, dict) and isinstance(b, dict):
-    return [k for key in sorted(set(a) | set(b))
-            for k in _diff(a.get(key), b.get(key), f"{prefix}{key}.")]
-  return [] if a == b else [prefix.rstrip(".")]
+def _diff(a: dict, b: dict) -> list[str]:
+  """Dotted keys where two config dicts differ (a key only one has counts)."""
+  a, b = config_lib.flat(a), config_lib.flat(b)
+  missing = object()
+  return [k for k in sorted(a.keys() | b.keys()) if a.get(k, missing) != b.get(k, missing)]
 
 
 def run_suite(config: ml_collections.ConfigDict, seeds: Sequence[int], workdir: str,
