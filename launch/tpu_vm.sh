@@ -5,22 +5,23 @@
 # finds the other workers itself (jax.distributed's Cloud TPU detection).
 #
 #   ZONE=us-central2-b ACCELERATOR_TYPE=v4-16 RUNTIME_VERSION=tpu-ubuntu2204-base \
-#   NFS_SHARE=10.0.0.2:/runs \
+#   WORKDIR_ROOT=gs://my-bucket/runs \
 #     launch/tpu_vm.sh my-tpu imagenet_resnet --config=configs/imagenet_resnet.py
 #
-# Arguments: the TPU's name, the run's name (its workdir is /mnt/shared/RUN), and
+# Arguments: the TPU's name, the run's name (its workdir is WORKDIR_ROOT/RUN), and
 # main's flags. Running the same command again (after a preemption, say)
 # recreates a TPU that is gone, preempted or failed, and the run resumes from
 # its last checkpoint in the workdir.
 #
 # Environment: ZONE, ACCELERATOR_TYPE and RUNTIME_VERSION (required); PROJECT
 # (default: gcloud's); QUEUED=1 to ask through a queued resource (waits for
-# capacity), SPOT=1 for spot capacity; NFS_SHARE, an NFS export (Filestore:
-# IP:/share) that every worker mounts at /mnt/shared for the workdir. The
-# workdir must be shared: every worker writes its part of a checkpoint.
-# Without NFS_SHARE the workdir is the workers' local disk, which is right
-# only for a single-host TPU and lost with the VM. (A gs:// workdir is not
-# supported yet: launch/README.md says why.)
+# capacity), SPOT=1 for spot capacity. The workdir must be shared: every
+# worker writes its part of a checkpoint. WORKDIR_ROOT, a Cloud Storage URL
+# (gs://bucket/prefix; the TPU VM's service account needs write access) under
+# which the run's workdir is; or NFS_SHARE, an NFS export (Filestore:
+# IP:/share) that every worker mounts at /mnt/shared for the workdir. With
+# neither, the workdir is the workers' local disk, which is right only for a
+# single-host TPU and lost with the VM.
 set -euo pipefail
 
 if [ $# -lt 2 ]; then
@@ -104,7 +105,9 @@ on_all_workers "set -e; rm -rf ~/motivation_jax && mkdir ~/motivation_jax \
 
 # Without a share: the worker's own home (\$HOME expands there), kept across installs.
 workdir="\$HOME/motivation_jax_runs/$run"
-if [ -n "${NFS_SHARE:-}" ]; then
+if [ -n "${WORKDIR_ROOT:-}" ]; then
+  workdir=${WORKDIR_ROOT%/}/$run
+elif [ -n "${NFS_SHARE:-}" ]; then
   on_all_workers "set -e; sudo mkdir -p /mnt/shared; mountpoint -q /mnt/shared \
     || { (command -v mount.nfs >/dev/null || sudo apt-get install -y -qq nfs-common) \
          && sudo mount -t nfs -o rw,hard $(printf '%q' "$NFS_SHARE") /mnt/shared; }; \

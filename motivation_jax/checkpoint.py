@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import sys
 from typing import Any
@@ -46,8 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
+from motivation_jax import files
 from motivation_jax.errors import CheckpointError
 
 ITEMS = ("state", "controller", "data_position", "config", "dataset", "eval_stats",
@@ -159,7 +158,7 @@ class Checkpointer:
   """A thin wrapper over ``ocp.CheckpointManager`` for this package's items."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 2):
-    self.directory = os.path.abspath(directory)
+    self.directory = files.resolve(directory)  # a local path, or a bucket URL
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
@@ -226,9 +225,9 @@ class Checkpointer:
     Raises ``_Damaged`` for what is wrong with the files, ``CheckpointError``
     for a whole checkpoint of another model (shapes read from its metadata).
     """
-    path = os.path.join(self.directory, str(step))
+    path = files.join(self.directory, str(step))
     try:
-      metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(path) / "state")
+      metadata = ocp.StandardCheckpointHandler().metadata(files.path(path) / "state")
       saved = sorted(map(_shape_and_dtype, jax.tree.leaves(metadata)))
     except Exception as e:  # Orbax raises many types
       raise _Damaged(f"its metadata cannot be read: {_first_line(e)}") from e
@@ -238,7 +237,7 @@ class Checkpointer:
     items = dict(state=ocp.args.StandardRestore(abstract_state),
                  controller=ocp.args.JsonRestore(), data_position=ocp.args.JsonRestore())
     for name in ("log_interval", "checksum"):  # absent in checkpoints of older versions
-      if os.path.isdir(os.path.join(path, name)):
+      if files.is_dir(files.join(path, name)):
         items[name] = ocp.args.JsonRestore()
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -259,10 +258,10 @@ class Checkpointer:
   def _set_aside_unfinished(self) -> None:
     """Moves aside the directories of saves that never finished (a process
     killed while Orbax was writing), which Orbax itself ignores."""
-    if not os.path.isdir(self.directory):
+    if not files.is_dir(self.directory):
       return
     finished = {str(s) for s in self.manager.all_steps()}
-    for name in sorted(os.listdir(self.directory)):
+    for name in files.list_dir(self.directory):
       if _UNFINISHED.match(name) or (name.isdigit() and name not in finished):
         self._set_aside(name, "its save did not finish")
 
@@ -270,13 +269,14 @@ class Checkpointer:
     """Renames checkpoint directory ``name`` to ``<step>.unusable`` (a name
     Orbax does not read as a step), says so in one line, and rescans."""
     step = re.match(r"\d+", name).group()
-    target = os.path.join(self.directory, step + SET_ASIDE_SUFFIX)
+    target = files.join(self.directory, step + SET_ASIDE_SUFFIX)
     n = 1
-    while os.path.exists(target):
+    while files.exists(target):
       n += 1
-      target = os.path.join(self.directory, f"{step}{SET_ASIDE_SUFFIX}{n}")
+      target = files.join(self.directory, f"{step}{SET_ASIDE_SUFFIX}{n}")
     if jax.process_index() == 0:
-      os.rename(os.path.join(self.directory, name), target)
+      # On a bucket a rename is a copy and a delete of every object (epath).
+      files.path(files.join(self.directory, name)).rename(target)
       print(f"warning: skipping the checkpoint at {self.directory}/{name}: {why}; "
             f"moved it to {target}", file=sys.stderr, flush=True)
     if jax.process_count() > 1:  # the others rescan after process 0 renamed it
@@ -299,7 +299,7 @@ class Checkpointer:
   def restore_eval_stats(self, abstract_stats, step: int):
     """The ``eval_stats`` item of checkpoint ``step``, or None if it has none
     (a run without recalibration, or a model without batch norm)."""
-    if not os.path.isdir(os.path.join(self.directory, str(step), "eval_stats")):
+    if not files.is_dir(files.join(self.directory, str(step), "eval_stats")):
       return None
     return self._restore(step, eval_stats=ocp.args.StandardRestore(
         _placed(abstract_stats)))["eval_stats"]

@@ -25,7 +25,6 @@ Loading needs the model's module and flax, not the training code::
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +32,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import flags
 
-from motivation_jax import checkpoint, cli, models, nesting, steps
+from motivation_jax import checkpoint, cli, files, models, nesting, steps
 from motivation_jax.common import SUBNETS
 from motivation_jax.errors import CheckpointError, ConfigError
 
@@ -44,10 +43,10 @@ def export_run(workdir: str, subnet: str, out: str, *, step: int | None = None) 
   """Exports ``subnet`` of the run in ``workdir`` to ``out``; returns model.json's content."""
   if subnet not in SUBNETS:
     raise ConfigError(f"--subnet must be 'base' or 'motivated', got {subnet!r}")
-  if os.path.exists(out) and os.listdir(out):
+  if files.exists(out) and files.list_dir(out):
     raise ConfigError(f"--out={out} exists and is not empty; pick a new directory")
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  directory = files.join(workdir, "checkpoints")
+  if not files.is_dir(directory):
     raise CheckpointError(f"no checkpoints in {directory}; train first with "
                           f"python -m motivation_jax.main --workdir={workdir} ...")
   ckpt = checkpoint.Checkpointer(directory)
@@ -84,15 +83,14 @@ def export_run(workdir: str, subnet: str, out: str, *, step: int | None = None) 
       "batch_norm": (None if "batch_stats" not in variables else
                      "running averages" if eval_stats is None else
                      f"recalibrated on {config.get('bn_recalibration_batches')} training batches"),
-      "source": {"workdir": os.path.abspath(workdir), "step": step,
+      "source": {"workdir": files.resolve(workdir), "step": step,
                  "dataset": dataset["name"], "model": config.model.to_dict()},
   }
-  os.makedirs(out, exist_ok=True)
+  files.make_dirs(out)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(os.path.abspath(out), "variables"), variables)
+  checkpointer.save(files.join(files.resolve(out), "variables"), variables)
   checkpointer.wait_until_finished()
-  with open(os.path.join(out, "model.json"), "w") as f:
-    json.dump(spec, f, indent=2)
+  files.write_text(files.join(out, "model.json"), json.dumps(spec, indent=2))
   return spec
 
 

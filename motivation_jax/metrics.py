@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any, Mapping
 
 from tensorboardX import SummaryWriter
+
+from motivation_jax import files
 
 
 def finite_json(values: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -28,13 +29,12 @@ def cut_jsonl(path: str, keep_below: int) -> int:
   A run resumed from the checkpoint of batch N writes again every line a killed
   process wrote after that checkpoint; cutting them first leaves each line once.
   The lines are in step order, so the cut is at the first line past N, or at a
-  line a kill left half written. Written to a new file and renamed over the old
-  one, so a kill during the cut leaves one or the other.
+  line a kill left half written. Replaced in one step (``files.write_text``), so
+  a kill during the cut leaves one or the other.
   """
-  if not os.path.exists(path):
+  if not files.exists(path):
     return 0
-  with open(path) as f:
-    lines = f.readlines()
+  lines = files.read_text(path).splitlines(keepends=True)
   kept = 0
   for line in lines:
     try:
@@ -44,9 +44,7 @@ def cut_jsonl(path: str, keep_below: int) -> int:
       break
     kept += 1
   if kept < len(lines):
-    with open(path + ".tmp", "w") as f:
-      f.writelines(lines[:kept])
-    os.replace(path + ".tmp", path)
+    files.write_text(path, "".join(lines[:kept]))
   return len(lines) - kept
 
 
@@ -61,8 +59,9 @@ class MetricWriter:
   def __init__(self, workdir: str, *, enabled: bool = True, first_step: int = 0):
     self.enabled = enabled
     if enabled:
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=first_step + 1)
+      self._jsonl = files.LineFile(files.join(workdir, "metrics.jsonl"))
+      # tensorboardX writes gs:// itself (with google-cloud-storage installed).
+      self._tb = SummaryWriter(files.join(workdir, "tensorboard"), purge_step=first_step + 1)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -71,7 +70,6 @@ class MetricWriter:
     if bad:  # null in the line, and said so: a reader need not guess why
       line["non_finite"] = bad
     self._jsonl.write(json.dumps(line, allow_nan=False) + "\n")
-    self._jsonl.flush()
     for name, value in scalars.items():  # TensorBoard shows NaN and inf as such
       self._tb.add_scalar(name, value, step)
 
@@ -79,8 +77,7 @@ class MetricWriter:
     """Puts everything written so far on disk (before a checkpoint: what it
     covers must survive a kill of this process, or of its machine)."""
     if self.enabled:
-      self._jsonl.flush()
-      os.fsync(self._jsonl.fileno())
+      self._jsonl.sync()
       self._tb.flush()
 
   def close(self) -> None:

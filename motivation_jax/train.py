@@ -22,7 +22,6 @@ import functools
 import json
 import math
 import numbers
-import os
 import signal
 import sys
 import threading
@@ -35,7 +34,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from motivation_jax import (agreement, checkpoint, config_lib, data, models, nesting,
+from motivation_jax import (agreement, checkpoint, config_lib, data, files, models, nesting,
                             recalibration, sharding, steps)
 from motivation_jax.controller import Controller
 from motivation_jax.errors import ConfigError, Preempted, TrainingError
@@ -155,11 +154,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, steps.T
   ``workdir``. Refuses bad input in one line before any training, and compiles
   both step kinds (which also gives their FLOPs)."""
   check_config(config)
-  if "://" in workdir:  # os.makedirs would make a local directory named "gs:"
-    raise ConfigError(f"workdir {workdir}: URLs are not supported yet (metrics, decisions and "
-                      "the summary are written with plain files); use a directory every "
-                      "process mounts (launch/README.md)")
-  os.makedirs(workdir, exist_ok=True)
+  # A local directory, or a bucket URL (gs://...): motivation_jax.files.
+  files.make_dirs(workdir)
   dataset = data.get_dataset(config.dataset, config.data_dir,
                              mock_examples=config.mock_data_examples,
                              image_size=config.image_size)
@@ -199,12 +195,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, steps.T
       model, optimizer, jax.random.key(config.seed), sample,
       batch_norm_stats=config.model.batch_norm_stats,
       extension_init=config.model.extension_init, state_sharding=state_sharding)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  ckpt = checkpoint.Checkpointer(files.join(workdir, "checkpoints"))
   state, first_step, log_interval = resume(ckpt, state, controller, train_data, config=config)
   chief = jax.process_index() == 0
   if chief:  # what a killed process wrote after the checkpoint is written again
-    cut_jsonl(os.path.join(workdir, "decisions.jsonl"), keep_below=first_step)
-    cut_jsonl(os.path.join(workdir, "metrics.jsonl"), keep_below=first_step + 1)
+    cut_jsonl(files.join(workdir, "decisions.jsonl"), keep_below=first_step)
+    cut_jsonl(files.join(workdir, "metrics.jsonl"), keep_below=first_step + 1)
 
   # Compile both step kinds up front, from the batches' declared shapes.
   batch_spec = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
@@ -558,11 +554,9 @@ def save(run: Run, state: steps.TrainState, pending: PendingMetrics, step: int) 
   pending.flush()
   decisions = run.controller.drain_decisions()
   if run.chief:
-    with open(os.path.join(run.workdir, "decisions.jsonl"), "a") as f:
-      f.writelines(json.dumps({**d.to_dict(), "loss": pending.losses.pop(d.step)}) + "\n"
-                   for d in decisions)
-      f.flush()
-      os.fsync(f.fileno())
+    files.append_lines(files.join(run.workdir, "decisions.jsonl"),
+                       (json.dumps({**d.to_dict(), "loss": pending.losses.pop(d.step)}) + "\n"
+                        for d in decisions))
   run.writer.flush()
   run.ckpt.save(step, state=state, controller_state=run.controller.state_dict(),
                 data_position=run.train_data.position(step),
@@ -591,10 +585,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   run.close()
   summary = summarize(run, eval_metrics, time.time() - start_time)
   if run.chief:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      written, bad = finite_json(summary)
-      json.dump({**written, **({"non_finite": bad} if bad else {})}, f, indent=2,
-                allow_nan=False)
+    written, bad = finite_json(summary)
+    files.write_text(files.join(workdir, "summary.json"), json.dumps(
+        {**written, **({"non_finite": bad} if bad else {})}, indent=2, allow_nan=False))
   return summary
 
 

@@ -121,6 +121,17 @@ def test_tpu_vm_sh_installs_on_every_worker_and_runs_main_on_all(tmp_path):
                           "--config=configs/default.py "
                           "--config.motivation.condition=every_n"), ssh[-1]
 
+  # A bucket instead of the share: nothing to mount, the workdir is the URL.
+  log.unlink()
+  status, out, err = run_launcher(
+      ["bash", os.path.join(LAUNCH, "tpu_vm.sh"), "my-tpu", "run1", "--config=configs/default.py"],
+      timeout=120, env={**env, "WORKDIR_ROOT": "gs://my-bucket/runs/"})
+  assert status == 0, out + err
+  ssh = [c for c in log.read_text().splitlines() if c.startswith("compute tpus tpu-vm ssh")]
+  assert not any("mount" in c for c in ssh), ssh
+  assert ssh[-1].endswith("-m motivation_jax.main --workdir=gs://my-bucket/runs/run1 "
+                          "--config=configs/default.py"), ssh[-1]
+
 
 def test_local_sh_refuses_a_bad_process_count():
   for args in ([], ["two"], ["0"]):

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Sequence
 import ml_collections
 import numpy as np
 
-from motivation_jax import config_lib, train
+from motivation_jax import config_lib, files, train
 from motivation_jax.errors import ConfigError
 
 ARMS = ("base_alone", "motivated", "large_alone", "random_rate", "random_times")
@@ -130,6 +130,9 @@ def _suite_config(config: ml_collections.ConfigDict) -> dict:
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Records the suite's config in ``workdir/suite.json``, or refuses a workdir
   that holds a suite of another config."""
+  if files.is_url(workdir):  # its plots and report are written with matplotlib and open()
+    raise ConfigError(f"--workdir={workdir}: a suite needs a local directory (a single run's "
+                      "--workdir of motivation_jax.main may be a gs:// URL)")
   os.makedirs(workdir, exist_ok=True)
   path, mine = os.path.join(workdir, "suite.json"), _suite_config(config)
   if os.path.exists(path):

@@ -87,10 +87,11 @@ def load_exported(directory: str) -> tuple[nn.Module, dict, dict]:
   """``(module, variables, spec)`` of a model written by ``motivation_jax.export``."""
   import orbax.checkpoint as ocp  # only here: building a model needs no checkpointing
 
-  directory = os.path.abspath(directory)
-  with open(os.path.join(directory, "model.json")) as f:
-    spec = json.load(f)
-  variables = ocp.StandardCheckpointer().restore(os.path.join(directory, "variables"))
+  from etils import epath  # a local directory or a bucket URL, as Orbax reads them
+
+  directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
+  spec = json.loads((directory / "model.json").read_text())
+  variables = ocp.StandardCheckpointer().restore(directory / "variables")
   return build_standalone(spec), variables, spec
 
 

