@@ -27,6 +27,12 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(ROOT, ".pytest_cache", "xla-compilation-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Before google-auth and gcsfs load (they read these at import): nothing asks
+# Google's metadata server (a link-local address, off this machine) for
+# credentials, and gcsfs does not probe a bucket's type over gRPC. Only
+# test_gcs_workdir.py touches a bucket, its emulator's on loopback.
+os.environ["NO_GCE_CHECK"] = "true"
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -49,9 +49,11 @@ def emulator(tmp_path_factory):
         server.kill()
         pytest.fail("fake-gcs-server did not start")
       time.sleep(0.1)
+  # TensorStore takes a token as given instead of looking for credentials
+  # (conftest.py keeps google-auth and gcsfs from looking on the network).
   env = {"STORAGE_EMULATOR_HOST": url,            # gcsfs, google-cloud-storage
          "TENSORSTORE_GCS_HTTP_URL": url,          # Orbax's arrays
-         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test"}  # TensorStore: no credentials lookup
+         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test"}
   saved = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
   yield url
