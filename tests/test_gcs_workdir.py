@@ -104,12 +104,19 @@ def _read(workdir, name):
   return files.read_text(files.join(workdir, name))
 
 
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+  """The reference: the same run in a local directory."""
+  workdir = str(tmp_path_factory.mktemp("local") / "run")
+  _main(workdir)
+  return workdir
+
+
 @pytest.mark.slow  # three runs of 2 epochs and two exports: about 40 s
-def test_a_run_on_a_bucket_equals_the_local_run(emulator, tmp_path):
+def test_a_run_on_a_bucket_equals_the_local_run(emulator, local_run, tmp_path):
   """Trained, interrupted and resumed on gs://, then exported from it: the same
   files as the same run in a local directory."""
-  local, bucket = str(tmp_path / "local"), f"gs://{BUCKET}/digits"
-  _main(local)
+  local, bucket = local_run, f"gs://{BUCKET}/digits"
   _main(bucket)
   # As if killed after the first epoch's checkpoint, with lines written after it.
   from motivation_jax import files
@@ -144,3 +151,24 @@ def test_a_run_on_a_bucket_equals_the_local_run(emulator, tmp_path):
                            str(tmp_path / "deploy")], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
   assert result.returncode == 0 and "equal" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.slow  # two processes for 2 epochs: about 35 s
+def test_two_processes_share_a_bucket_workdir(emulator):
+  """launch/local.sh 2 on a gs:// workdir: both write their checkpoint shards
+  there, process 0 alone the logs. (Whether 2 processes train as 1 does is
+  tests/test_launch.py's question, on a local workdir.)"""
+  bucket = f"gs://{BUCKET}/two_processes"
+  result = subprocess.run(
+      ["bash", os.path.join(ROOT, "launch", "local.sh"), "2", "--config=configs/default.py",
+       f"--workdir={bucket}", "--config.num_epochs=2", "--config.checkpoint_every_epochs=1"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  from motivation_jax import files
+  assert files.list_dir(files.join(bucket, "checkpoints")) == ["22", "44"]
+  summary = json.loads(_read(bucket, "summary.json"))
+  decisions = [json.loads(line) for line in _read(bucket, "decisions.jsonl").splitlines()]
+  assert [d["step"] for d in decisions] == list(range(44))  # once each: process 0 alone
+  assert sum(d["kind"] == "motivated" for d in decisions) == summary["motivated_steps"] > 0
+  metrics = [json.loads(line) for line in _read(bucket, "metrics.jsonl").splitlines()]
+  assert [m["epoch"] for m in metrics if "base/test_accuracy" in m] == [1, 2]
