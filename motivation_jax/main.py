@@ -17,8 +17,8 @@ from motivation_jax import cli, distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics "
-                               "(in a multi-process run, one that every process sees).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory or gs:// URL for checkpoints and "
+                               "metrics (in a multi-process run, one that every process sees).")
 flags.mark_flags_as_required(["config", "workdir"])
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0, for a multi-process run that JAX "
