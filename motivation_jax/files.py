@@ -38,8 +38,9 @@ def resolve(path: str | os.PathLike) -> str:
 
 
 def join(*parts: str) -> str:
-  return os.fspath(epath.Path(parts[0]).joinpath(*parts[1:])) if is_url(parts[0]) \
-      else os.path.join(*parts)
+  if is_url(parts[0]):
+    return os.fspath(epath.Path(parts[0]).joinpath(*parts[1:]))
+  return os.path.join(*parts)
 
 
 def path(p: str | os.PathLike) -> epath.Path:
@@ -83,9 +84,9 @@ def write_text(p: str, text: str) -> None:
   os.replace(p + ".tmp", p)
 
 
-def append_lines(p: str, lines: Iterable[str], *, durable: bool = True) -> None:
-  """Appends ``lines`` (each ending in a newline) to file ``p``; ``durable``:
-  on disk before this returns (locally, an ``fsync``)."""
+def append_lines(p: str, lines: Iterable[str]) -> None:
+  """Appends ``lines`` (each ending in a newline) to file ``p``, durably: on
+  disk (locally, ``fsync``-ed) or in the bucket before this returns."""
   lines = list(lines)
   if is_url(p):
     if lines:
@@ -95,8 +96,7 @@ def append_lines(p: str, lines: Iterable[str], *, durable: bool = True) -> None:
   with open(p, "a") as f:
     f.writelines(lines)
     f.flush()
-    if durable:
-      os.fsync(f.fileno())
+    os.fsync(f.fileno())
 
 
 class LineFile:

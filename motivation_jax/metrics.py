@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from typing import Any, Mapping
@@ -34,7 +35,7 @@ def cut_jsonl(path: str, keep_below: int) -> int:
   """
   if not files.exists(path):
     return 0
-  lines = files.read_text(path).splitlines(keepends=True)
+  lines = io.StringIO(files.read_text(path)).readlines()  # split at "\n" alone
   kept = 0
   for line in lines:
     try:
