@@ -446,7 +446,7 @@ def measure_steps(run: train.Run, state0, mode: Mode) -> dict[str, Any]:
   """Each compiled step kind against its standalone model's step: the same batch
   (already on the device), optimizer and dtype; interleaved timed blocks."""
   config = run.config
-  model = models.build_model(config.model, run.dataset.num_classes)
+  model = models.build_model(config.model, run.dataset.num_classes, dtype=config.dtype)
   optimizer = steps.make_optimizer(config, run.total_steps, run.train_data.steps_per_epoch)
   batch = run.put(run.train_data[0])
   runners: dict[str, Callable[[int], None]] = {}
