@@ -13,7 +13,7 @@ import pytest
 from motivation_jax import nesting, steps
 from motivation_jax.controller import Controller, make_condition
 
-from conftest import MODELS, make_batch, reference_step
+from conftest import MODELS, make_batch, randomise, reference_step
 
 OPTIMIZERS = {
     "sgd_momentum": lambda: optax.sgd(0.05, momentum=0.9),
@@ -294,6 +294,10 @@ def _compute_dtypes(fn, *args) -> set[str]:
   return found
 
 
+def _float_dtypes(tree) -> set[str]:
+  return {str(x.dtype) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)}
+
+
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 def test_bfloat16_computes_in_bfloat16_keeps_the_state_float32_and_the_base_step_its_region(
     model_name):
@@ -302,15 +306,18 @@ def test_bfloat16_computes_in_bfloat16_keeps_the_state_float32_and_the_base_step
   batch = make_batch()
   state, wmap, fns = _setup(model, optimizer, batch)
   raw = steps.make_train_steps(model, optimizer, wmap=wmap, jit=False)
-  for kind in ("base", "motivated"):
+  for kind in ("base", "motivated"):  # traced, not compiled
     assert _compute_dtypes(raw[kind], state, batch) == {"bfloat16"}, kind
-  state, motivated = fns["motivated"](state, make_batch(seed=9))
+    new_state, metrics = jax.eval_shape(raw[kind], state, batch)
+    assert _float_dtypes(new_state) == {"float32"} and metrics["loss"].dtype == jnp.float32
+  if model_name in ("efficientnet", "resnet_imagenet"):
+    return  # one compiled step for the MLP, the batch-norm CNN and the ViT is enough
+  # Moments and statistics non-zero everywhere (as after a motivated step), so
+  # that a base step leaking outside its region would move them.
+  state = state.replace(opt_state=randomise(state.opt_state),
+                        batch_stats=randomise(state.batch_stats))
   before = _copy(state)
-  state, base = fns["base"](state, batch)
+  state, metrics = fns["base"](state, batch)
   assert changed_outside_base(before, _copy(state), wmap, optimizer) == []
   assert not np.array_equal(before.params["head"]["kernel"], state.params["head"]["kernel"])
-  float_leaves = jax.tree.leaves((state.params, state.batch_stats, state.opt_state))
-  assert {str(x.dtype) for x in float_leaves if jnp.issubdtype(x.dtype, jnp.floating)} == {
-      "float32"}
-  for metrics in (motivated, base):  # the loss is taken in float32
-    assert metrics["loss"].dtype == jnp.float32 and np.isfinite(metrics["loss"])
+  assert _float_dtypes(state) == {"float32"} and np.isfinite(metrics["loss"])
