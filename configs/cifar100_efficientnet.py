@@ -16,6 +16,10 @@ Training augmentation: pad by 4, random 32x32 crop, random flip. Meant for
 one GPU or a TPU VM. Expected result: not measured yet (no CIFAR-100 and no
 accelerator where this was written).
 
+Mixed precision on a GPU or TPU: add ``--config.dtype=bfloat16`` (bfloat16 compute,
+float32 weights, optimizer state, batch-norm statistics and loss; docs/models.md). Its
+speed and accuracy for this config are not measured yet.
+
 Smoke variant, narrow and on TFDS mock data (about a minute on a 2-core CPU,
 nearly all of it compiling B0 and B1's 16 and 23 blocks):
 

@@ -16,6 +16,10 @@ one GPU or a TPU VM. Expected result: not measured yet (no CIFAR-10 and no
 accelerator where this was written); the published standalone accuracies are
 91.3% (ResNet-20) and 93.0% (ResNet-56).
 
+Mixed precision on a GPU or TPU: add ``--config.dtype=bfloat16`` (bfloat16 compute,
+float32 weights, optimizer state, batch-norm statistics and loss; docs/models.md). Its
+speed and accuracy for this config are not measured yet.
+
 Smoke variant, tiny and on TFDS mock data (seconds, any machine):
 
   python -m motivation_jax.main --config=configs/cifar10_resnet.py:smoke --workdir=/tmp/smoke

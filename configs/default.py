@@ -55,6 +55,11 @@ def get_config() -> ml_collections.ConfigDict:
   # (the motivated model starts out computing the base; see docs/models.md).
   config.model.extension_init = "default"
 
+  # Compute dtype: "float32" or "bfloat16" (for GPUs and TPUs). Parameters,
+  # optimizer state, batch-norm statistics and the loss stay float32 in both
+  # (docs/models.md "Mixed precision").
+  config.dtype = "float32"
+
   # Optimisation. The learning-rate schedule (linear warm-up, then cosine decay
   # to 0) is indexed by the global batch count (under policy "both" the two
   # updates of a motivated batch share one position).

@@ -24,6 +24,10 @@ about N x 500 images/s on such a host). Expected result: not
 measured yet (no ImageNet and no accelerator where this was written); the
 published standalone top-1 accuracies are 69.8% (ResNet-18) and 73.3% (ResNet-34).
 
+Mixed precision on a GPU or TPU: add ``--config.dtype=bfloat16`` (bfloat16 compute,
+float32 weights, optimizer state, batch-norm statistics and loss; docs/models.md). Its
+speed and accuracy for this config are not measured yet.
+
 Smoke variant, tiny and on TFDS mock data (seconds, any machine):
 
   python -m motivation_jax.main --config=configs/imagenet_resnet.py:smoke --workdir=/tmp/smoke

@@ -20,6 +20,10 @@ Meant for a TPU v4-32 slice or a node of 8 GPUs. Expected result: not measured
 yet (no ImageNet and no accelerator where this was written); DeiT reports
 72.2% (Ti) and 79.8% (S) with its full augmentation, so expect less here.
 
+Mixed precision on a GPU or TPU: add ``--config.dtype=bfloat16`` (bfloat16 compute,
+float32 weights, optimizer state, batch-norm statistics and loss; docs/models.md). Its
+speed and accuracy for this config are not measured yet.
+
 Smoke variant, tiny and on TFDS mock data (seconds, any machine):
 
   python -m motivation_jax.main --config=configs/imagenet_vit.py:smoke --workdir=/tmp/smoke

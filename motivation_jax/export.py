@@ -9,8 +9,9 @@ writes, from the latest checkpoint of the run in ``DIR`` (or ``--step``):
   with the batch-norm statistics that sub-network evaluates with (recalibrated
   at that checkpoint, ``motivation_jax.recalibration``, unless the run turned
   it off);
-- ``OUT/model.json``: the standalone architecture (module, class and fields),
-  the input shape and the normalisation the model expects.
+- ``OUT/model.json``: the standalone architecture (module, class and fields,
+  among them the compute ``dtype`` the run trained with; the variables are
+  float32 either way), the input shape and the normalisation the model expects.
 
 Loading needs the model's module and flax, not the training code::
 
@@ -53,7 +54,9 @@ def export_run(workdir: str, subnet: str, out: str, *, step: int | None = None) 
   try:
     config_dict, dataset, step = ckpt.restore_description(step)
     config = ml_collections.ConfigDict(config_dict)
-    model = models.build_model(config.model, dataset["num_classes"])
+    # A checkpoint older than config.dtype trained in float32.
+    model = models.build_model(config.model, dataset["num_classes"],
+                               dtype=config.get("dtype", "float32"))
     sample = jnp.zeros((1, *dataset["image_shape"]), jnp.float32)
     wmap = nesting.weights_map(model, sample, subnet="motivated")
     # The optimizer's state layout (not its schedule) is what the restore needs.

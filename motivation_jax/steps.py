@@ -242,13 +242,17 @@ def base_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_f
       nesting.base_view(stats, stats_regions, stats_layout),
       nesting.base_view(state.opt_state, opt_regions, opt_layout), batch,
       _compute_sharding(state_sharding))
-  opt_state = nesting.merge_base(state.opt_state, opt_state, opt_regions, opt_layout)
+  params = nesting.merge_base(state.params, params, wmap.params, params_layout)
+  # The moments are overwritten only after the parameter update has read them
+  # (nesting.write_after: otherwise XLA copies each one first).
+  opt_state = nesting.merge_base(state.opt_state, opt_state, opt_regions, opt_layout,
+                                 start=nesting.write_after(params, wmap.params, params_layout))
   if not advance_step:
     opt_state = jax.tree.map(lambda r, old, new: old if r.base_shape is None else new,
                              opt_regions, state.opt_state, opt_state)
   return state.replace(
       step=state.step + int(advance_step),
-      params=nesting.merge_base(state.params, params, wmap.params, params_layout),
+      params=params,
       batch_stats=state.with_subnet_stats(
           "base", nesting.merge_base(stats, batch_stats, stats_regions, stats_layout)),
       opt_state=opt_state), metrics

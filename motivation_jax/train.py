@@ -82,6 +82,9 @@ def check_config(config) -> None:
     if config.model[key] not in allowed:
       raise ConfigError(f"config.model.{key} must be one of {allowed}, "
                         f"got {config.model[key]!r}")
+  if config.get("dtype") not in models.DTYPES:
+    raise ConfigError(f"config.dtype must be one of {models.DTYPES}, "
+                      f"got {config.get('dtype')!r}")
   if "mesh" not in config:
     raise ConfigError("config.mesh is missing (configs/default.py lists every key)")
   sharding.check_mesh_config(config.mesh)  # setup checks it against the devices
@@ -90,7 +93,7 @@ def check_config(config) -> None:
 def build(config, dataset: data.Dataset):
   """Model, weights map and controller from a config, with one-line errors."""
   try:
-    model = models.build_model(config.model, dataset.num_classes)
+    model = models.build_model(config.model, dataset.num_classes, dtype=config.dtype)
   except ConfigError as e:  # a NestingError passes as it is
     raise ConfigError(f"config.model: {e}") from e
   try:
@@ -250,7 +253,7 @@ def make_recalibrate(config, model, wmap: nesting.WeightsMap, dataset: data.Data
 SAFE_TO_CHANGE_ON_RESUME = (
     "num_epochs", "log_every_steps", "eval_every_epochs", "checkpoint_every_epochs",
     "bn_recalibration_batches", "eval_batch_size", "data_threads", "data_workers",
-    "data_dir", "progress_bar", "mesh.")
+    "data_dir", "progress_bar", "mesh.", "dtype")
 _CHECKED_ELSEWHERE = ("motivation.", "seed", "batch_size")
 
 

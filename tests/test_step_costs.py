@@ -4,11 +4,16 @@ The base step slices, it never masks: its XLA FLOP count is the standalone base
 model's step (within 5%) and well below the motivated step's.
 """
 
+import re
+
+import jax
+import optax
 import pytest
 
+from motivation_jax import nesting, steps
 from motivation_jax.models import NestedEfficientNet, NestedResNet
 
-from conftest import MODELS, check_step_flops, make_batch
+from conftest import MODELS, check_step_flops, make_batch, reference_step
 
 
 # One model of every family, and every kind of nesting among them: (model, the
@@ -34,3 +39,25 @@ def test_compiled_flops_match_the_standalone_models(case):
   # 16x16 images: the ImageNet stem leaves 4x4 positions for the stages.
   check_step_flops(model(), make_batch(n=128, hw=16, channels=3),
                    max_base_fraction=max_base_fraction)
+
+
+def _copies(compiled) -> int:
+  entry = compiled.as_text().split("\nENTRY", 1)[1]
+  return len(re.findall(r"= \S+ copy\(", entry))
+
+
+def test_the_base_step_writes_its_region_back_in_place_without_copying_the_moments():
+  """The moments' write-back waits for the update that reads them
+  (``nesting.write_after``); unordered, XLA copies every moment of a partly-base
+  leaf first (measured: 21 copies in this MLP's base step, 3 in its standalone base
+  step, 1 in order; for the ViT of conftest 107, 15 and 11)."""
+  model, optimizer, batch = MODELS["mlp"](), optax.adamw(1e-2, weight_decay=0.1), make_batch()
+  state = steps.create_train_state(model, optimizer, jax.random.key(0), batch["image"])
+  wmap = nesting.weights_map(model, batch["image"], subnet="motivated")
+  base = steps.make_train_steps(model, optimizer, wmap=wmap)["base"].lower(state, batch).compile()
+  variables = nesting.export(state.variables("base"), "base", wmap)
+  variables.setdefault("batch_stats", {})
+  standalone = jax.jit(
+      lambda v, o, b: reference_step(model.standalone("base"), optimizer, v, o, b),
+      donate_argnums=(0, 1)).lower(variables, optimizer.init(variables["params"]), batch).compile()
+  assert _copies(base) <= _copies(standalone), (_copies(base), _copies(standalone))

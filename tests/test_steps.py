@@ -4,6 +4,7 @@ import functools
 
 import chex
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -12,7 +13,7 @@ import pytest
 from motivation_jax import nesting, steps
 from motivation_jax.controller import Controller, make_condition
 
-from conftest import MODELS, make_batch, reference_step
+from conftest import MODELS, make_batch, randomise, reference_step
 
 OPTIMIZERS = {
     "sgd_momentum": lambda: optax.sgd(0.05, momentum=0.9),
@@ -275,3 +276,48 @@ def test_steps_run_data_parallel_with_explicit_shardings():
   assert got.params["head"]["kernel"].sharding.is_fully_replicated
   chex.assert_trees_all_close(got.params, expected.params, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(got.batch_stats, expected.batch_stats, rtol=1e-5, atol=1e-6)
+
+
+def _compute_dtypes(fn, *args) -> set[str]:
+  """Operand dtypes of every matmul and convolution in ``fn``'s program (forward
+  and backward), nested programs included."""
+  found = set()
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+        found.update(str(v.aval.dtype) for v in eqn.invars)
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def _float_dtypes(tree) -> set[str]:
+  return {str(x.dtype) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)}
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_bfloat16_computes_in_bfloat16_keeps_the_state_float32_and_the_base_step_its_region(
+    model_name):
+  model = MODELS[model_name]().clone(dtype=jnp.bfloat16)
+  optimizer = OPTIMIZERS["adamw"]()
+  batch = make_batch()
+  state, wmap, fns = _setup(model, optimizer, batch)
+  raw = steps.make_train_steps(model, optimizer, wmap=wmap, jit=False)
+  for kind in ("base", "motivated"):  # traced, not compiled
+    assert _compute_dtypes(raw[kind], state, batch) == {"bfloat16"}, kind
+    new_state, metrics = jax.eval_shape(raw[kind], state, batch)
+    assert _float_dtypes(new_state) == {"float32"} and metrics["loss"].dtype == jnp.float32
+  if model_name in ("efficientnet", "resnet_imagenet"):
+    return  # one compiled step for the MLP, the batch-norm CNN and the ViT is enough
+  # Moments and statistics non-zero everywhere (as after a motivated step), so
+  # that a base step leaking outside its region would move them.
+  state = state.replace(opt_state=randomise(state.opt_state),
+                        batch_stats=randomise(state.batch_stats))
+  before = _copy(state)
+  state, metrics = fns["base"](state, batch)
+  assert changed_outside_base(before, _copy(state), wmap, optimizer) == []
+  assert not np.array_equal(before.params["head"]["kernel"], state.params["head"]["kernel"])
+  assert _float_dtypes(state) == {"float32"} and np.isfinite(metrics["loss"])

@@ -196,6 +196,7 @@ def test_a_nan_loss_after_a_checkpoint_names_it_and_keeps_it(finished_run, tmp_p
      r"config.motivation: max_fraction must be a number in \(0, 1\]"),
     ({"model.name": "transformer"}, ConfigError, "unknown model 'transformer'"),
     ({"optimizer": "lion"}, ConfigError, "config.optimizer must be"),
+    ({"dtype": "float16"}, ConfigError, r"config.dtype must be one of \('float32', 'bfloat16'\)"),
     ({"model.base": {"widths": (128,)}}, NestingError, "layer 0 is 128 wide in the base"),
     ({"model.batch_norm_stats": "mixed"}, ConfigError, "batch_norm_stats"),
     ({"batch_size": 0}, ConfigError, r"config.batch_size must be an integer >= 1, got 0"),
@@ -292,9 +293,11 @@ def test_resume_refuses_a_config_that_changes_what_the_state_means(finished_run,
 
 def test_resume_continues_with_more_epochs_and_says_so(finished_run, tmp_path, capsys):
   workdir = copy_of(finished_run, tmp_path)
-  summary = train.train_and_evaluate(small_config(num_epochs=2, log_every_steps=5),
-                                     str(workdir))
+  # The compute dtype too: the state is float32 in either (a run moved to an accelerator).
+  summary = train.train_and_evaluate(
+      small_config(num_epochs=2, log_every_steps=5, dtype="bfloat16"), str(workdir))
   assert summary["resumed_from_step"] == 22 and summary["base_steps"] + summary[
       "motivated_steps"] == 44
   err = capsys.readouterr().err
-  assert "resuming with changed log_every_steps, num_epochs (safe to continue with)" in err
+  assert ("resuming with changed dtype, log_every_steps, num_epochs (safe to continue with)"
+          in err)

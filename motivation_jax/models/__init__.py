@@ -41,10 +41,16 @@ FAMILIES = {
     "mlp": mlp, "cnn": cnn, "resnet": resnet, "efficientnet": efficientnet, "vit": vit}
 # Keys of config.model that are not options of the family.
 _COMMON_KEYS = ("name", "base", "motivated", "batch_norm_stats", "extension_init")
+# config.dtype: the compute dtype. Parameters, optimizer state, batch-norm
+# statistics and the loss stay float32 in either (docs/models.md).
+DTYPES = ("float32", "bfloat16")
 
 
-def build_model(config: Mapping[str, Any], num_classes: int):
-  """Builds a nested model from ``config.model`` (see configs/default.py)."""
+def build_model(config: Mapping[str, Any], num_classes: int, *, dtype: str = "float32"):
+  """Builds a nested model from ``config.model`` (see configs/default.py) that
+  computes in ``dtype`` (``config.dtype``, one of ``DTYPES``)."""
+  if dtype not in DTYPES:
+    raise ConfigError(f"dtype must be one of {DTYPES}, got {dtype!r}")
   name = config["name"]
   if name not in FAMILIES:
     raise ConfigError(f"unknown model {name!r}; known: {', '.join(sorted(FAMILIES))}")
@@ -53,7 +59,10 @@ def build_model(config: Mapping[str, Any], num_classes: int):
               if p not in ("base", "motivated", "num_classes")]
   options = {k: config[k] for k in config if k not in _COMMON_KEYS}
   check_keys(options, accepted, f"an option of the {name} family")
-  return from_config(dict(config["base"]), dict(config["motivated"]), num_classes, **options)
+  model = from_config(dict(config["base"]), dict(config["motivated"]), num_classes, **options)
+  # Every family has a ``dtype`` field that its layers inherit; ``standalone``
+  # keeps it, so an exported model records it in model.json.
+  return model.clone(dtype=jnp.dtype(dtype))
 
 
 def standalone_spec(model, subnet: str) -> dict[str, Any]:
@@ -95,5 +104,5 @@ def load_exported(directory: str) -> tuple[nn.Module, dict, dict]:
   return build_standalone(spec), variables, spec
 
 
-__all__ = ["FAMILIES", "NestedEfficientNet", "NestedMLP", "NestedResNet", "NestedViT",
+__all__ = ["DTYPES", "FAMILIES", "NestedEfficientNet", "NestedMLP", "NestedResNet", "NestedViT",
            "build_model", "build_standalone", "load_exported", "standalone_spec"]

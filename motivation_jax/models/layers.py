@@ -39,9 +39,11 @@ def nested_variable(module: nn.Module, collection: str, name: str,
       raise NestingError(
           f"{module.path and '/'.join(module.path)}/{name}: initialise the model with "
           "subnet='motivated'; the base is a view into the motivated variables")
+    # Parameters and statistics are float32 whatever the compute dtype (the
+    # mixed-precision recipe): each layer casts them where it computes.
     if collection == "params":
-      return module.param(name, init_fn, shape)
-    return module.variable(collection, name, init_fn, shape).value
+      return module.param(name, init_fn, shape, jnp.float32)
+    return module.variable(collection, name, init_fn, shape, jnp.float32).value
   value = module.get_variable(collection, name)
   if value.ndim != len(shape) or any(d > s for d, s in zip(shape, value.shape)):
     raise NestingError(
@@ -116,9 +118,11 @@ class NestedBatchNorm(nn.Module):
     bias = nested_variable(self, "params", "bias", nn.initializers.zeros, shape, subnet)
     mean = nested_variable(self, "batch_stats", "mean", jnp.zeros, shape, subnet)
     var = nested_variable(self, "batch_stats", "var", jnp.ones, shape, subnet)
+    # Statistics and the normalisation in float32 (as flax.linen.BatchNorm does):
+    # a bfloat16 x - mean loses the few bits that tell examples apart.
+    x32 = x.astype(jnp.float32)
     if train and not self.is_initializing():
       axes = tuple(range(x.ndim - 1))
-      x32 = x.astype(jnp.float32)
       batch_mean = jnp.mean(x32, axes)
       batch_var = jnp.maximum(jnp.mean(jnp.square(x32), axes) - jnp.square(batch_mean), 0.)
       if self.is_mutable_collection("batch_moments"):  # recalibration reads these
@@ -129,8 +133,8 @@ class NestedBatchNorm(nn.Module):
         self._update_stat("mean", m * mean + (1. - m) * batch_mean)
         self._update_stat("var", m * var + (1. - m) * batch_var)
       mean, var = batch_mean, batch_var
-    y = (x - mean.astype(self.dtype)) * lax.rsqrt(var + self.epsilon).astype(self.dtype)
-    return y * scale.astype(self.dtype) + bias.astype(self.dtype)
+    y = (x32 - mean) * lax.rsqrt(var + self.epsilon)
+    return (y * scale + bias).astype(self.dtype)
 
   def _update_stat(self, name: str, value: jax.Array) -> None:
     # The stored statistic may be motivated-sized (a base step through the full
