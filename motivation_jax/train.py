@@ -53,6 +53,7 @@ _CHECKS = {
     "data_threads": (int, "an integer >= 0", lambda v: v >= 0),
     "data_workers": (int, "an integer >= 0", lambda v: v >= 0),
     "bn_recalibration_batches": (int, "an integer >= 0", lambda v: v >= 0),
+    "max_nonfinite_steps": (int, *_AT_LEAST_1),
     "learning_rate": (float, "a finite number > 0", lambda v: v > 0),
     "momentum": (float, "a number in [0, 1)", lambda v: 0 <= v < 1),
     "weight_decay": (float, *_NON_NEGATIVE), "warmup_epochs": (float, *_NON_NEGATIVE),
@@ -254,7 +255,7 @@ def make_recalibrate(config, model, wmap: nesting.WeightsMap, dataset: data.Data
 SAFE_TO_CHANGE_ON_RESUME = (
     "num_epochs", "log_every_steps", "eval_every_epochs", "checkpoint_every_epochs",
     "bn_recalibration_batches", "eval_batch_size", "data_threads", "data_workers",
-    "data_dir", "progress_bar", "mesh.")
+    "data_dir", "progress_bar", "max_nonfinite_steps", "mesh.")
 _CHECKED_ELSEWHERE = ("motivation.", "seed", "batch_size")
 
 
@@ -319,6 +320,14 @@ class PendingMetrics:
   long finished: reading them costs no device stall. Each loss is checked,
   given to the controller, and kept for the next log line.
 
+  A batch whose step says ``nonfinite`` (its loss, a gradient or an updated
+  parameter was not finite, so the step did not apply it; ``steps``) is told
+  to the controller as missing (``observe(t, None)``), counted in the next log
+  line's ``nonfinite_steps``, and written to decisions.jsonl with ``"loss":
+  null, "nonfinite": true``; none of its metrics enter the means. After
+  ``config.max_nonfinite_steps`` such batches in a row the run stops
+  (``TrainingError``), and the newest checkpoint holds only applied updates.
+
   Reading costs no device round trip either: on an accelerator each metric's
   copy to the host starts when its batch is dispatched (``copy_to_host_async``
   runs once the step is done), so the read finds it there; on a CPU the
@@ -329,13 +338,16 @@ class PendingMetrics:
   read, and so which decisions are taken, is unchanged: it depends on the lag only.
   """
 
-  def __init__(self, controller: Controller, ckpt: checkpoint.Checkpointer):
+  def __init__(self, controller: Controller, ckpt: checkpoint.Checkpointer, *,
+               max_nonfinite_steps: int = 10):
     self._controller, self._ckpt = controller, ckpt
+    self._max_nonfinite = max_nonfinite_steps
     self._lag = controller.config["decision_lag"]
     self._prefetch = jax.default_backend() != "cpu"  # a CPU's arrays are host memory
     self._queue: collections.deque = collections.deque()
     self._interval: dict[str, list[float]] = collections.defaultdict(list)
-    self.losses: dict[int, float] = {}  # batch -> training loss, until decisions.jsonl has it
+    # batch -> training loss (None: not applied), until decisions.jsonl has it
+    self.losses: dict[int, float | None] = {}
 
   def push(self, t: int, kind: str, metrics: dict[str, jax.Array]) -> None:
     if self._prefetch:
@@ -352,8 +364,10 @@ class PendingMetrics:
       self._observe_oldest()
 
   def interval_means(self) -> dict[str, float]:
-    """Mean of each metric since the last call, per step kind."""
-    means = {k: float(np.mean(v)) for k, v in self._interval.items()}
+    """Mean of each metric since the last call, per step kind; ``nonfinite_steps``
+    is a count."""
+    means = {k: float(np.sum(v) if k == "nonfinite_steps" else np.mean(v))
+             for k, v in self._interval.items()}
     self._interval.clear()
     return means
 
@@ -374,12 +388,23 @@ class PendingMetrics:
     t, kind, metrics = self._queue.popleft()
     metrics = self._read(metrics)
     loss = metrics["loss"]
-    if not math.isfinite(loss):
-      last = self._ckpt.committed_step()  # a save in flight is finished first
-      kept = (f"the checkpoint of batch {last} in {self._ckpt.directory} is intact"
-              if last is not None else "no checkpoint had been written yet")
-      raise TrainingError(f"the training loss is {loss} at batch {t} ({kind} step); {kept}; "
-                          "lower config.learning_rate")
+    # A step of one's own without the flag: a non-finite loss is still not used.
+    if metrics.pop("nonfinite", 0.0) or not math.isfinite(loss):
+      self._controller.observe(t, None)
+      self.losses[t] = None
+      self._interval["nonfinite_steps"].append(1.0)
+      in_a_row = self._controller.missing_in_a_row
+      if in_a_row >= self._max_nonfinite:
+        last = self._ckpt.committed_step()  # a save in flight is finished first
+        kept = (f"the checkpoint of batch {last} in {self._ckpt.directory} is intact"
+                if last is not None else "no checkpoint had been written yet")
+        raise TrainingError(
+            f"the training loss or a gradient was not finite on {in_a_row} batches in a row "
+            f"(batches {t - in_a_row + 1} to {t}, the last a {kind} step; the training loss "
+            f"was {loss}); their updates were not applied; {kept}; lower "
+            f"config.learning_rate (config.max_nonfinite_steps={self._max_nonfinite} "
+            "stops a run here)")
+      return
     self._controller.observe(t, loss)
     self.losses[t] = loss
     for name, value in metrics.items():
@@ -444,7 +469,8 @@ def train(run: Run, state: steps.TrainState) -> tuple[steps.TrainState, dict[str
 def _train(run: Run, state: steps.TrainState, stop: StopRequest
            ) -> tuple[steps.TrainState, dict[str, float]]:
   config, controller = run.config, run.controller
-  pending = PendingMetrics(controller, run.ckpt)
+  pending = PendingMetrics(controller, run.ckpt,
+                           max_nonfinite_steps=config.max_nonfinite_steps)
   pending.resume_interval(run.log_interval)
   decisions = agreement.DecisionCheck(controller)  # the same on every process
   eval_metrics: dict[str, float] = {}
@@ -544,7 +570,39 @@ def evaluate_and_log(run: Run, state: steps.TrainState, step: int, bar: tqdm.tqd
   if bad:  # the training loss stayed finite (else the run stopped): the weights diverged
     bar.write(f"warning: {', '.join(bad)} not finite at epoch {epoch}: that model diverged; "
               "lower config.learning_rate")
+  worse = worse_than_guessing(run, metrics)
+  if worse:
+    bar.write(f"warning: at epoch {epoch} {'; '.join(worse)}: training diverged; "
+              "lower config.learning_rate")
   return metrics
+
+
+def trained_subnets(run: Run) -> list[str]:
+  """The sub-networks that took at least one update of their own so far."""
+  counts = run.controller.counts
+  base = counts["base"] > 0 or (run.config.motivation.policy == "both"
+                                and counts["motivated"] > 0)
+  return [s for s, trained in (("base", base), ("motivated", counts["motivated"] > 0))
+          if trained]
+
+
+def worse_than_guessing(run: Run, metrics: dict[str, float]) -> list[str]:
+  """For each sub-network that trained and whose test loss is not finite, or is
+  above twice a uniform guess's (2 ln classes) while its accuracy is below
+  twice chance: what it scored. A learning rate far too large (e.g. 100 for the
+  default config) gives this with a training loss that stays finite: the
+  weights swing to where every prediction is confident and wrong."""
+  classes = run.dataset.num_classes
+  out = []
+  for subnet in trained_subnets(run):
+    loss = metrics.get(f"{subnet}/test_loss")
+    accuracy = metrics.get(f"{subnet}/test_accuracy")
+    if loss is None or accuracy is None:
+      continue
+    if not math.isfinite(loss) or (loss > 2 * math.log(classes) and accuracy < 2 / classes):
+      out.append(f"the {subnet} model is worse than guessing (test loss {loss:.4g} > "
+                 f"2 ln {classes}, test accuracy {accuracy:.4f}, chance {1 / classes:.4f})")
+  return out
 
 
 def save(run: Run, state: steps.TrainState, pending: PendingMetrics, step: int) -> None:
@@ -559,8 +617,10 @@ def save(run: Run, state: steps.TrainState, pending: PendingMetrics, step: int) 
   decisions = run.controller.drain_decisions()
   if run.chief:
     with open(os.path.join(run.workdir, "decisions.jsonl"), "a") as f:
-      f.writelines(json.dumps({**d.to_dict(), "loss": pending.losses.pop(d.step)}) + "\n"
-                   for d in decisions)
+      for d in decisions:
+        loss = pending.losses.pop(d.step)
+        f.write(json.dumps({**d.to_dict(), "loss": loss,
+                            **({"nonfinite": True} if loss is None else {})}) + "\n")
       f.flush()
       os.fsync(f.fileno())
   run.writer.flush()
@@ -590,11 +650,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise
   run.close()
   summary = summarize(run, eval_metrics, time.time() - start_time)
+  worse = worse_than_guessing(run, eval_metrics)
+  if worse:
+    summary["diverged"] = [w.split()[1] for w in worse]
   if run.chief:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       written, bad = finite_json(summary)
       json.dump({**written, **({"non_finite": bad} if bad else {})}, f, indent=2,
                 allow_nan=False)
+  if worse:  # not a success, whatever was written: a scheduler must see it
+    raise TrainingError(f"the run ended, but {'; '.join(worse)}: training diverged; its "
+                        f"summary and last checkpoint are in {workdir}; lower "
+                        "config.learning_rate")
   return summary
 
 
@@ -613,6 +680,8 @@ def summarize(run: Run, eval_metrics: dict[str, float], wall_time_s: float) -> d
       "base_steps": counts["base"],
       "motivated_steps": counts["motivated"],
       "activations": run.controller.activations,
+      # Batches whose update was not applied (a non-finite loss or gradient).
+      "nonfinite_steps": run.controller.missing_losses,
       "params": {"base": run.wmap.num_params("base"),
                  "motivated": run.wmap.num_params("motivated")},
       "flops_per_step": flops,
@@ -651,6 +720,9 @@ def format_summary(summary: dict[str, Any]) -> str:
       f"motivated model alone on every batch ({summary['large_alone_flops']:.3e})",
       f"wall time: {summary['wall_time_s']:.1f} s",
   ]
+  if summary.get("nonfinite_steps"):
+    lines.insert(-1, f"batches not applied (a non-finite loss or gradient): "
+                     f"{summary['nonfinite_steps']:,}")
   if summary["resumed_from_step"]:
     lines[-1] += f" (this process, resumed at batch {summary['resumed_from_step']:,})"
   return "\n".join(lines)
