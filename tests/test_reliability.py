@@ -143,6 +143,25 @@ def test_sigkill_at_random_batches_and_during_saves_then_resume(straight, tmp_pa
                                                         "44.unusable"}
 
 
+def test_non_finite_batches_in_a_row_stop_the_command_line_with_one_line(straight, tmp_path):
+  workdir = tmp_path / "run"
+  stopped = run_worker(workdir, poison_from_batch=30, overrides={"max_nonfinite_steps": 3})
+  assert stopped.returncode == 2, stopped.stderr
+  assert "Traceback" not in stopped.stderr
+  last = stopped.stderr.strip().splitlines()[-1]
+  assert re.fullmatch(r"error: the training loss or a gradient was not finite on 3 batches in "
+                      r"a row \(batches 30 to 32, the last a (base|motivated) step; the training "
+                      r"loss was nan\); their updates were not applied; the checkpoint of batch "
+                      rf"22 in {workdir}/checkpoints is intact; lower config.learning_rate "
+                      r"\(config.max_nonfinite_steps=3 stops a run here\)", last), last
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["22"]
+  # Restarted without the bad batches, it resumes from that checkpoint: the same run.
+  resumed = run_worker(workdir, overrides={"max_nonfinite_steps": 3})
+  assert resumed.returncode == 0, resumed.stderr
+  assert json.load(open(workdir / "summary.json"))["resumed_from_step"] == 22
+  assert_same_run(workdir, straight)
+
+
 def _damage_bytes(state_dir) -> None:
   """64 bytes changed in the middle of each array file (the issue's damage)."""
   for path in state_dir.rglob("*"):
