@@ -299,10 +299,21 @@ class Checkpointer:
   def restore_eval_stats(self, abstract_stats, step: int):
     """The ``eval_stats`` item of checkpoint ``step``, or None if it has none
     (a run without recalibration, or a model without batch norm)."""
-    if not os.path.isdir(os.path.join(self.directory, str(step), "eval_stats")):
+    path = os.path.join(self.directory, str(step))
+    if not os.path.isdir(os.path.join(path, "eval_stats")):
       return None
-    return self._restore(step, eval_stats=ocp.args.StandardRestore(
-        _placed(abstract_stats)))["eval_stats"]
+    items = {"eval_stats": ocp.args.StandardRestore(_placed(abstract_stats))}
+    if os.path.isdir(os.path.join(path, "checksum")):  # absent in older checkpoints
+      items["checksum"] = ocp.args.JsonRestore()
+    _drop_closed_loop_callbacks()
+    restored = self._restore(step, **items)
+    saved = (restored.get("checksum") or {}).get("eval_stats")
+    if saved is not None:
+      differs = _first_difference(saved, array_checksums(restored["eval_stats"]))
+      if differs is not None:
+        raise CheckpointError(f"the checkpoint at {path} is damaged (its array "
+                              f"eval_stats/{differs} does not match its checksum)")
+    return restored["eval_stats"]
 
   def _restore(self, step: int, **items):
     try:

@@ -71,6 +71,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     # ml_collections raises the latter for a key that does not exist, a value of
     # the wrong type, an override of a config file that failed to load.
     fail(f"bad command line: {one_line(e)}", e)
+  except Exception as e:  # pylint: disable=broad-except
+    # Anything else comes from running the config file itself, which absl's
+    # parser does when it reads --config: a syntax error, or its own raise.
+    fail(f"cannot load --config: {type(e).__name__}: {one_line(e)}", e)
 
 
 def run(main: Callable[[], None]) -> None:

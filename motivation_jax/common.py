@@ -7,7 +7,9 @@ needs another to learn what a sub-network or a policy is called.
 
 from __future__ import annotations
 
+import os
 import platform
+import uuid
 from typing import Iterable
 
 from motivation_jax.errors import ConfigError
@@ -31,6 +33,29 @@ def check_keys(given: Iterable[str], known: Iterable[str], what: str) -> None:
   for key in given:
     if key not in known:
       raise ConfigError(f"{key!r} is not {what}; known: {', '.join(known) or 'none'}")
+
+
+def writable_directory(path: str, label: str) -> str:
+  """Makes directory ``path`` (and its parents) if need be and checks that this
+  process can write in it; else a one-line ``ConfigError`` naming ``label``
+  (e.g. ``--workdir``). Writing a file is the test: permission bits say
+  nothing to root, and a read-only mount only answers a write."""
+  if not path:
+    raise ConfigError(f"{label} is empty; give a directory")
+  try:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".write-test-{uuid.uuid4().hex}")
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    why = e.strerror or type(e).__name__
+    if isinstance(e, FileExistsError) or (os.path.exists(path) and not os.path.isdir(path)):
+      why = "it is a file, not a directory"
+    elif isinstance(e, NotADirectoryError):
+      why = "a part of its path is a file, not a directory"
+    raise ConfigError(f"cannot write in {label}={path}: {why}") from e
+  return path
 
 
 def cpu_model() -> str:

@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 from absl import flags
 
 from motivation_jax import checkpoint, cli, models, nesting, steps
-from motivation_jax.common import SUBNETS
+from motivation_jax.common import SUBNETS, writable_directory
 from motivation_jax.errors import CheckpointError, ConfigError
 
 FORMAT = "motivation_jax.standalone/1"
@@ -44,8 +44,12 @@ def export_run(workdir: str, subnet: str, out: str, *, step: int | None = None) 
   """Exports ``subnet`` of the run in ``workdir`` to ``out``; returns model.json's content."""
   if subnet not in SUBNETS:
     raise ConfigError(f"--subnet must be 'base' or 'motivated', got {subnet!r}")
-  if os.path.exists(out) and os.listdir(out):
+  if not workdir:
+    raise ConfigError("--workdir is empty; give the training run's --workdir")
+  if os.path.isdir(out) and os.listdir(out):
     raise ConfigError(f"--out={out} exists and is not empty; pick a new directory")
+  # Before the checkpoint is read: a bad --out fails at once, not after the restore.
+  writable_directory(out, "--out")
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     raise CheckpointError(f"no checkpoints in {directory}; train first with "
@@ -87,7 +91,6 @@ def export_run(workdir: str, subnet: str, out: str, *, step: int | None = None) 
       "source": {"workdir": os.path.abspath(workdir), "step": step,
                  "dataset": dataset["name"], "model": config.model.to_dict()},
   }
-  os.makedirs(out, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(os.path.abspath(out), "variables"), variables)
   checkpointer.wait_until_finished()

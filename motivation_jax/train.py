@@ -37,6 +37,7 @@ import tqdm
 
 from motivation_jax import (agreement, checkpoint, config_lib, data, models, nesting,
                             recalibration, sharding, steps)
+from motivation_jax.common import writable_directory
 from motivation_jax.controller import Controller
 from motivation_jax.errors import ConfigError, Preempted, TrainingError
 from motivation_jax.metrics import MetricWriter, cut_jsonl, finite_json
@@ -160,7 +161,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, steps.T
     raise ConfigError(f"workdir {workdir}: URLs are not supported yet (metrics, decisions and "
                       "the summary are written with plain files); use a directory every "
                       "process mounts (launch/README.md)")
-  os.makedirs(workdir, exist_ok=True)
+  writable_directory(workdir, "workdir")
   dataset = data.get_dataset(config.dataset, config.data_dir,
                              mock_examples=config.mock_data_examples,
                              image_size=config.image_size)
