@@ -78,14 +78,17 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run(main: Callable[[], None]) -> None:
-  """``app.run`` of ``main()``: refuses positional arguments, keeps Orbax's INFO logs
-  quiet unless ``--verbosity`` is given, reports a ``MotivationError`` in one line,
+  """``app.run`` of ``main()``: refuses positional arguments, keeps libraries' absl
+  logs below ERROR quiet unless ``--verbosity`` is given, reports a ``MotivationError`` in one line,
   and a run stopped by a signal (``Preempted``) in one line with its status."""
   def absl_main(argv):
     if len(argv) > 1:
       fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
-      logging.set_verbosity(logging.WARNING)
+      # Libraries' absl warnings (TFDS's about a data set it cannot find, Orbax's)
+      # would come before the one line that says what is wrong and what to do;
+      # --verbosity=0 brings them back.
+      logging.set_verbosity(logging.ERROR)
     try:
       main()
     except MotivationError as e:

@@ -55,6 +55,12 @@ CASES = [
     ("missing config file with an override",
      [*MAIN, "--config=configs/missing.py", "--config.seed=1", "--workdir={tmp}/w"],
      r"error: bad command line: .*No such file or directory: 'configs/missing.py'"),
+    # TFDS logs a warning of its own first, unless --verbosity asks for it.
+    ("a data set that is not there", [*MAIN, DEFAULT, "--workdir={tmp}/w",
+                                      "--config.dataset=cifar10", "--config.data_dir={tmp}/tfds"],
+     r"error: data set 'cifar10' is not prepared in {tmp}/tfds \(\w+\); prepare it where "
+     r"there is network with `tfds build cifar10 --file_format=array_record` and point "
+     r"--config.data_dir at that directory"),
     ("no --workdir", [*MAIN, DEFAULT],
      r"error: bad command line: flag --workdir=None: Flag --workdir must have a value other "
      r"than None."),
@@ -74,7 +80,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name, command, line", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name, command, line", CASES, ids=[c[0].replace(" ", "_") for c in CASES])
 def test_bad_input_gets_one_error_line_and_status_2(tmp_path, name, command, line):
   _files(tmp_path)
   command = [c.format(tmp=tmp_path) for c in command]
