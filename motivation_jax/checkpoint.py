@@ -35,6 +35,7 @@ refused (``CheckpointError``) and left where it is.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -187,13 +188,34 @@ class Checkpointer:
       items["eval_stats"] = ocp.args.StandardSave(eval_stats)
       checksum["eval_stats"] = array_checksums(eval_stats)
     items["checksum"] = ocp.args.JsonSave(checksum)
-    self.manager.save(step, args=ocp.args.Composite(**items))
+    with self._writing():  # Orbax first waits for the save before, and may raise its error
+      self.manager.save(step, args=ocp.args.Composite(**items))
 
   def committed_step(self) -> int | None:
     """The newest checkpoint that is completely written, after waiting for a
     save in flight (``latest_step`` alone may name one Orbax is still writing)."""
-    self.manager.wait_until_finished()
+    with self._writing():
+      self.manager.wait_until_finished()
     return self.manager.latest_step()
+
+  @contextlib.contextmanager
+  def _writing(self):
+    """A save that failed in Orbax's background threads (a full disk, a folder
+    that went away) as one ``CheckpointError`` line: the previous checkpoint
+    is untouched, and the unfinished one is set aside on the next start."""
+    try:
+      yield
+    except Exception as e:  # Orbax raises what TensorStore or the OS raised
+      cause = e
+      while cause.__cause__ is not None:
+        cause = cause.__cause__
+      # TensorStore's message is paths first; the OS's reason is at its end.
+      code = re.search(r"os_error_code='(\d+)'", str(cause))
+      why = os.strerror(int(code[1])) if code else _first_line(cause)
+      raise CheckpointError(
+          f"cannot write a checkpoint in {self.directory} ({why}); the "
+          "checkpoints before it are intact: free the space or fix the folder, then run "
+          "the same command again to resume") from e
 
   def restore(self, abstract_state, step: int | None = None
               ) -> tuple[Any, dict, dict, int, dict] | None:
@@ -324,5 +346,11 @@ class Checkpointer:
           "move it away to start afresh or pick another --workdir") from e
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      with self._writing():
+        self.manager.wait_until_finished()
+    finally:
+      try:
+        self.manager.close()
+      except Exception:  # after a failed save: the error above is the one to report
+        pass

@@ -10,6 +10,7 @@ with its traceback as usual.
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 import traceback
@@ -63,6 +64,10 @@ def fail(message: str, error: BaseException | None = None) -> NoReturn:
   sys.exit(2)
 
 
+def _not_from_orbax(record: std_logging.LogRecord) -> bool:
+  return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, with a bad flag or ``--config.*`` override reported in one line."""
   try:
@@ -89,6 +94,10 @@ def run(main: Callable[[], None]) -> None:
       # would come before the one line that says what is wrong and what to do;
       # --verbosity=0 brings them back.
       logging.set_verbosity(logging.ERROR)
+      # Orbax logs each failure of its background threads with a traceback, at
+      # ERROR, before the failure reaches the caller, which reports it in one
+      # line (checkpoint.Checkpointer).
+      std_logging.getLogger("absl").addFilter(_not_from_orbax)
     try:
       main()
     except MotivationError as e:

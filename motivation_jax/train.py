@@ -90,6 +90,26 @@ def check_config(config) -> None:
   sharding.check_mesh_config(config.mesh)  # setup checks it against the devices
 
 
+# What a run writes in its workdir: name -> whether it is a folder.
+WORKDIR_ENTRIES = {"checkpoints": True, "tensorboard": True, "decisions.jsonl": False,
+                   "metrics.jsonl": False, "summary.json": False}
+
+
+def check_workdir(workdir: str) -> None:
+  """Refuses, in one line and before any work, a workdir this run could not
+  write in: one that is a file, empty, read-only, or where a file the run
+  writes is a folder or the other way round (found after training otherwise,
+  or, for a checkpoint Orbax writes in the background, never)."""
+  writable_directory(workdir, "workdir")
+  for name, folder in WORKDIR_ENTRIES.items():
+    path = os.path.join(workdir, name)
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+      raise ConfigError(f"{path} is a {'file' if folder else 'folder'}, not a "
+                        f"{'folder' if folder else 'file'}: a run writes one there; move it "
+                        "away or pick another --workdir")
+  writable_directory(os.path.join(workdir, "checkpoints"), "the checkpoint folder")
+
+
 def build(config, dataset: data.Dataset):
   """Model, weights map and controller from a config, with one-line errors."""
   try:
@@ -161,7 +181,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, steps.T
     raise ConfigError(f"workdir {workdir}: URLs are not supported yet (metrics, decisions and "
                       "the summary are written with plain files); use a directory every "
                       "process mounts (launch/README.md)")
-  writable_directory(workdir, "workdir")
+  check_workdir(workdir)
   dataset = data.get_dataset(config.dataset, config.data_dir,
                              mock_examples=config.mock_data_examples,
                              image_size=config.image_size)

@@ -30,6 +30,9 @@ def _files(tmp):
   (tmp / "syntax.py").write_text("def get_config(:\n")
   (tmp / "raises.py").write_text(
       "def get_config():\n  raise RuntimeError(\"the data isn't where it's said to be\")\n")
+  (tmp / "has_file").mkdir()
+  (tmp / "has_file" / "checkpoints").write_text("not a folder")  # found only at the first save
+  (tmp / "has_folder" / "decisions.jsonl").mkdir(parents=True)
 
 
 # (name, command, the one line it prints: a regex); {tmp} is the test's directory.
@@ -64,6 +67,12 @@ CASES = [
     ("no --workdir", [*MAIN, DEFAULT],
      r"error: bad command line: flag --workdir=None: Flag --workdir must have a value other "
      r"than None."),
+    ("checkpoints is a file", [*MAIN, DEFAULT, "--workdir={tmp}/has_file"],
+     r"error: {tmp}/has_file/checkpoints is a file, not a folder: a run writes one there; "
+     r"move it away or pick another --workdir"),
+    ("decisions.jsonl is a folder", [*MAIN, DEFAULT, "--workdir={tmp}/has_folder"],
+     r"error: {tmp}/has_folder/decisions.jsonl is a folder, not a file: a run writes one "
+     r"there; move it away or pick another --workdir"),
     ("export --out is a file", [*EXPORT, "--workdir={tmp}/w", "--subnet=base",
                                 "--out={tmp}/a_file"],
      r"error: cannot write in --out={tmp}/a_file: it is a file, not a directory"),
