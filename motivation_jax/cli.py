@@ -1,7 +1,8 @@
 """The one error path of the command lines (``main``, ``export``).
 
 An error in the user's input (``errors.MotivationError``: a config value, a data
-set, a checkpoint, a base that does not nest, a NaN loss) is printed as one line,
+set, a checkpoint, a base that does not nest, a workdir that cannot be written,
+training that cannot go on) is printed as one line,
 ``error: <message>``, and the process exits with status 2. With absl's
 ``--verbosity=1`` or ``MOTIVATION_JAX_TRACEBACK=1`` in the environment, its
 traceback is printed first. Any other exception is a bug, and Python reports it

@@ -21,7 +21,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.slow  # a few minutes on the 2-core CPU: the full run only
+pytestmark = pytest.mark.slow  # 1.5 min on the 2-core CPU: the full run only
+# More examples, for a longer hunt: MOTIVATION_JAX_FUZZ_EXAMPLES=100.
+EXAMPLES = int(os.environ.get("MOTIVATION_JAX_FUZZ_EXAMPLES", "0")) or None
 
 # A small CNN for one epoch, so that a run that trains takes seconds.
 SMALL = ["--config=configs/default.py", "--config.num_epochs=1", "--config.progress_bar=False",
@@ -85,7 +87,7 @@ def assert_clean_end(result: subprocess.CompletedProcess, what) -> None:
     assert errors == [], (what, err[-3000:])
 
 
-@settings(max_examples=10, deadline=None, database=None,
+@settings(max_examples=EXAMPLES or 10, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.sampled_from(sorted(VALUES)), min_size=1, max_size=3, unique=True)
        .flatmap(lambda keys: st.tuples(*[st.tuples(st.just(k), st.sampled_from(VALUES[k]))
@@ -165,7 +167,7 @@ DAMAGE = ["flip_bytes", "truncate", "remove_file", "remove_item", "unfinished_sa
           "garbage_in_logs", "log_is_a_folder", "checkpoints_is_a_file"]
 
 
-@settings(max_examples=8, deadline=None, database=None,
+@settings(max_examples=EXAMPLES or 8, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kinds=st.lists(st.sampled_from(DAMAGE), min_size=1, max_size=2),
        seed=st.integers(0, 2**32 - 1), more_epochs=st.booleans())
