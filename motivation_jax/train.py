@@ -626,6 +626,9 @@ def worse_than_guessing(run: Run, metrics: dict[str, float]) -> list[str]:
   return out
 
 
+_state_is_finite = jax.jit(steps.all_finite)
+
+
 def save(run: Run, state: steps.TrainState, pending: PendingMetrics, step: int) -> None:
   """Checkpoints batch ``step``, after the decisions up to it are in decisions.jsonl
   and the metrics up to it on disk.
@@ -633,8 +636,19 @@ def save(run: Run, state: steps.TrainState, pending: PendingMetrics, step: int) 
   Those lines are written before the checkpoint commits: if the process dies
   during the save, the next start resumes from the previous checkpoint and
   first cuts the logs back to it (``setup``), so no line is ever doubled.
+
+  A state that is not finite (an update whose gradient was finite overflowed;
+  the steps skip only what they can see before updating) is never saved:
+  the run stops there, and the checkpoints before it stay the newest.
   """
   pending.flush()
+  if not bool(_state_is_finite((state.params, state.batch_stats, state.opt_state))):
+    last = run.ckpt.committed_step()
+    kept = (f"the checkpoint of batch {last} in {run.ckpt.directory} is intact"
+            if last is not None else "no checkpoint had been written yet")
+    raise TrainingError(f"the parameters or optimizer state are not finite at batch {step} "
+                        f"(an update overflowed), so they were not checkpointed; {kept}; "
+                        "lower config.learning_rate")
   decisions = run.controller.drain_decisions()
   if run.chief:
     with open(os.path.join(run.workdir, "decisions.jsonl"), "a") as f:

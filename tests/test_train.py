@@ -383,3 +383,24 @@ def test_resume_continues_with_more_epochs_and_says_so(finished_run, tmp_path, c
       "motivated_steps"] == 44
   err = capsys.readouterr().err
   assert "resuming with changed log_every_steps, num_epochs (safe to continue with)" in err
+
+
+def test_a_state_that_overflowed_is_never_checkpointed(tmp_path):
+  """An update whose gradient was finite can still send a parameter to inf (the
+  steps check what they see before updating): the checkpoint is refused rather
+  than written over the good ones."""
+  run, state = train.setup(small_config(), str(tmp_path))
+  try:
+    kernel = state.params["head"]["kernel"]
+    bad = state.replace(params={**state.params, "head": {
+        **state.params["head"], "kernel": kernel.at[0, 0].set(float("inf"))}})
+    pending = train.PendingMetrics(run.controller, run.ckpt)
+    with pytest.raises(TrainingError, match=r"^the parameters or optimizer state are not "
+                       r"finite at batch 22 \(an update overflowed\), so they were not "
+                       r"checkpointed; no checkpoint had been written yet; lower "
+                       r"config.learning_rate$"):
+      train.save(run, bad, pending, 22)
+    train.save(run, state, pending, 22)  # the same state, finite: saved
+    assert run.ckpt.committed_step() == 22
+  finally:
+    run.close()
