@@ -341,8 +341,8 @@ class PendingMetrics:
   long finished: reading them costs no device stall. Each loss is checked,
   given to the controller, and kept for the next log line.
 
-  A batch whose step says ``nonfinite`` (its loss, a gradient or an updated
-  parameter was not finite, so the step did not apply it; ``steps``) is told
+  A batch whose step says ``nonfinite`` (its loss or a gradient was not
+  finite, so the step did not apply it; ``steps``) is told
   to the controller as missing (``observe(t, None)``), counted in the next log
   line's ``nonfinite_steps``, and written to decisions.jsonl with ``"loss":
   null, "nonfinite": true``; none of its metrics enter the means. After
