@@ -143,6 +143,7 @@ def test_sigkill_at_random_batches_and_during_saves_then_resume(straight, tmp_pa
                                                         "44.unusable"}
 
 
+@pytest.mark.slow  # two processes; test_train.py tests the same stop in this process
 def test_non_finite_batches_in_a_row_stop_the_command_line_with_one_line(straight, tmp_path):
   workdir = tmp_path / "run"
   stopped = run_worker(workdir, poison_from_batch=30, overrides={"max_nonfinite_steps": 3})

@@ -315,7 +315,8 @@ def test_a_non_finite_batch_is_not_applied_by_either_step(policy, how):
   assert not np.array_equal(before.params["head"]["kernel"], state.params["head"]["kernel"])
 
 
-@pytest.mark.parametrize("policy", ["switch", "both"])
+# "both" compiles two more programs: in the full run only.
+@pytest.mark.parametrize("policy", ["switch", pytest.param("both", marks=pytest.mark.slow)])
 def test_the_finite_check_changes_no_bit_of_a_finite_step(monkeypatch, policy):
   """The same steps built without the select (``keep_if`` taking the update
   as it is) give the same state and metrics, bit for bit."""
