@@ -609,10 +609,13 @@ def trained_subnets(run: Run) -> list[str]:
 
 def worse_than_guessing(run: Run, metrics: dict[str, float]) -> list[str]:
   """For each sub-network that trained and whose test loss is not finite, or is
-  above twice a uniform guess's (2 ln classes) while its accuracy is below
-  twice chance: what it scored. A learning rate far too large (e.g. 100 for the
-  default config) gives this with a training loss that stays finite: the
-  weights swing to where every prediction is confident and wrong."""
+  over ten times a uniform guess's (10 ln classes) while its accuracy is below
+  twice chance: what it scored. A learning rate far too large gives this with
+  a training loss that stays finite: the weights swing to where every
+  prediction is confident and wrong (test losses of 58 to 8,705 for 10 classes
+  at learning rate 100). An undertrained model is far from it: EfficientNet's
+  smoke run on mock data, 100 classes, ends near 11 > 2 ln 100, so twice a
+  uniform guess's would call it diverged."""
   classes = run.dataset.num_classes
   out = []
   for subnet in trained_subnets(run):
@@ -620,9 +623,9 @@ def worse_than_guessing(run: Run, metrics: dict[str, float]) -> list[str]:
     accuracy = metrics.get(f"{subnet}/test_accuracy")
     if loss is None or accuracy is None:
       continue
-    if not math.isfinite(loss) or (loss > 2 * math.log(classes) and accuracy < 2 / classes):
+    if not math.isfinite(loss) or (loss > 10 * math.log(classes) and accuracy < 2 / classes):
       out.append(f"the {subnet} model is worse than guessing (test loss {loss:.4g} > "
-                 f"2 ln {classes}, test accuracy {accuracy:.4f}, chance {1 / classes:.4f})")
+                 f"10 ln {classes}, test accuracy {accuracy:.4f}, chance {1 / classes:.4f})")
   return out
 
 
