@@ -103,6 +103,11 @@ def get_config() -> ml_collections.ConfigDict:
   # most fsdp_min_mib stay replicated (big_vision's fsdp rule uses 4 MiB).
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "fsdp_min_mib": 4.0})
 
+  # A batch whose loss or a gradient is not finite is not applied (the state
+  # stays as it was) and is counted; after this many such batches in a row the
+  # run stops with one line (docs/reliability.md).
+  config.max_nonfinite_steps = 10
+
   # Logging, evaluation and checkpoints.
   config.log_every_steps = 50
   config.eval_every_epochs = 1

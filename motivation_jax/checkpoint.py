@@ -35,8 +35,10 @@ refused (``CheckpointError``) and left where it is.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
 import sys
 from typing import Any
@@ -130,15 +132,28 @@ def _drop_closed_loop_callbacks() -> None:
   event loop while TensorStore is still reading the others; each of those
   reads then finds the loop closed, and Python prints its ``RuntimeError:
   Event loop is closed`` as an unraisable exception, after the one line that
-  says what is wrong. Those (and only those) are dropped.
+  says what is wrong; and each read coroutine it abandoned raises its own
+  error when it is collected (``Exception ignored in: <coroutine object
+  _read_array_index_and_device_put ...>``: 4,764 lines after one resume from
+  a checkpoint with truncated array files). Those, and only unraisable
+  exceptions raised in Orbax's code, are dropped: the error they repeat has
+  been reported already.
   """
   previous = sys.unraisablehook
   if getattr(previous, "_drops_closed_loop_callbacks", False):
     return
 
+  def from_orbax(tb) -> bool:
+    while tb is not None:
+      if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+        return True
+      tb = tb.tb_next
+    return False
+
   def hook(unraisable):
     value = unraisable.exc_value
-    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+    closed_loop = isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+    if not (closed_loop or from_orbax(unraisable.exc_traceback)):
       previous(unraisable)
 
   hook._drops_closed_loop_callbacks = True
@@ -147,6 +162,7 @@ def _drop_closed_loop_callbacks() -> None:
 
 def _first_line(e: BaseException) -> str:
   first = (str(e).strip().splitlines() or [""])[0]
+  first = first.split(" See full TensorStore details")[0]  # a repr of the whole spec follows
   return f"{type(e).__name__}: {first[:300]}"
 
 
@@ -186,13 +202,34 @@ class Checkpointer:
       items["eval_stats"] = ocp.args.StandardSave(eval_stats)
       checksum["eval_stats"] = array_checksums(eval_stats)
     items["checksum"] = ocp.args.JsonSave(checksum)
-    self.manager.save(step, args=ocp.args.Composite(**items))
+    with self._writing():  # Orbax first waits for the save before, and may raise its error
+      self.manager.save(step, args=ocp.args.Composite(**items))
 
   def committed_step(self) -> int | None:
     """The newest checkpoint that is completely written, after waiting for a
     save in flight (``latest_step`` alone may name one Orbax is still writing)."""
-    self.manager.wait_until_finished()
+    with self._writing():
+      self.manager.wait_until_finished()
     return self.manager.latest_step()
+
+  @contextlib.contextmanager
+  def _writing(self):
+    """A save that failed in Orbax's background threads (a full disk, a folder
+    that went away) as one ``CheckpointError`` line: the previous checkpoint
+    is untouched, and the unfinished one is set aside on the next start."""
+    try:
+      yield
+    except Exception as e:  # Orbax raises what TensorStore or the OS raised
+      cause = e
+      while cause.__cause__ is not None:
+        cause = cause.__cause__
+      # TensorStore's message is paths first; the OS's reason is at its end.
+      code = re.search(r"os_error_code='(\d+)'", str(cause))
+      why = os.strerror(int(code[1])) if code else _first_line(cause)
+      raise CheckpointError(
+          f"cannot write a checkpoint in {self.directory} ({why}); the "
+          "checkpoints before it are intact: free the space or fix the folder, then run "
+          "the same command again to resume") from e
 
   def restore(self, abstract_state, step: int | None = None
               ) -> tuple[Any, dict, dict, int, dict] | None:
@@ -299,10 +336,21 @@ class Checkpointer:
   def restore_eval_stats(self, abstract_stats, step: int):
     """The ``eval_stats`` item of checkpoint ``step``, or None if it has none
     (a run without recalibration, or a model without batch norm)."""
-    if not files.is_dir(files.join(self.directory, str(step), "eval_stats")):
+    path = files.join(self.directory, str(step))
+    if not files.is_dir(files.join(path, "eval_stats")):
       return None
-    return self._restore(step, eval_stats=ocp.args.StandardRestore(
-        _placed(abstract_stats)))["eval_stats"]
+    items = {"eval_stats": ocp.args.StandardRestore(_placed(abstract_stats))}
+    if files.is_dir(files.join(path, "checksum")):  # absent in older checkpoints
+      items["checksum"] = ocp.args.JsonRestore()
+    _drop_closed_loop_callbacks()
+    restored = self._restore(step, **items)
+    saved = (restored.get("checksum") or {}).get("eval_stats")
+    if saved is not None:
+      differs = _first_difference(saved, array_checksums(restored["eval_stats"]))
+      if differs is not None:
+        raise CheckpointError(f"the checkpoint at {path} is damaged (its array "
+                              f"eval_stats/{differs} does not match its checksum)")
+    return restored["eval_stats"]
 
   def _restore(self, step: int, **items):
     try:
@@ -313,5 +361,11 @@ class Checkpointer:
           "move it away to start afresh or pick another --workdir") from e
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      with self._writing():
+        self.manager.wait_until_finished()
+    finally:
+      try:
+        self.manager.close()
+      except Exception:  # after a failed save: the error above is the one to report
+        pass

@@ -1,7 +1,8 @@
 """The one error path of the command lines (``main``, ``export``).
 
 An error in the user's input (``errors.MotivationError``: a config value, a data
-set, a checkpoint, a base that does not nest, a NaN loss) is printed as one line,
+set, a checkpoint, a base that does not nest, a workdir that cannot be written,
+training that cannot go on) is printed as one line,
 ``error: <message>``, and the process exits with status 2. With absl's
 ``--verbosity=1`` or ``MOTIVATION_JAX_TRACEBACK=1`` in the environment, its
 traceback is printed first. Any other exception is a bug, and Python reports it
@@ -10,6 +11,7 @@ with its traceback as usual.
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 import traceback
@@ -63,6 +65,10 @@ def fail(message: str, error: BaseException | None = None) -> NoReturn:
   sys.exit(2)
 
 
+def _not_from_orbax(record: std_logging.LogRecord) -> bool:
+  return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, with a bad flag or ``--config.*`` override reported in one line."""
   try:
@@ -71,17 +77,28 @@ def parse_flags(argv: list[str]) -> list[str]:
     # ml_collections raises the latter for a key that does not exist, a value of
     # the wrong type, an override of a config file that failed to load.
     fail(f"bad command line: {one_line(e)}", e)
+  except Exception as e:  # pylint: disable=broad-except
+    # Anything else comes from running the config file itself, which absl's
+    # parser does when it reads --config: a syntax error, or its own raise.
+    fail(f"cannot load --config: {type(e).__name__}: {one_line(e)}", e)
 
 
 def run(main: Callable[[], None]) -> None:
-  """``app.run`` of ``main()``: refuses positional arguments, keeps Orbax's INFO logs
-  quiet unless ``--verbosity`` is given, reports a ``MotivationError`` in one line,
+  """``app.run`` of ``main()``: refuses positional arguments, keeps libraries' absl
+  logs below ERROR quiet unless ``--verbosity`` is given, reports a ``MotivationError`` in one line,
   and a run stopped by a signal (``Preempted``) in one line with its status."""
   def absl_main(argv):
     if len(argv) > 1:
       fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
-      logging.set_verbosity(logging.WARNING)
+      # Libraries' absl warnings (TFDS's about a data set it cannot find, Orbax's)
+      # would come before the one line that says what is wrong and what to do;
+      # --verbosity=0 brings them back.
+      logging.set_verbosity(logging.ERROR)
+      # Orbax logs each failure of its background threads with a traceback, at
+      # ERROR, before the failure reaches the caller, which reports it in one
+      # line (checkpoint.Checkpointer).
+      std_logging.getLogger("absl").addFilter(_not_from_orbax)
     try:
       main()
     except MotivationError as e:

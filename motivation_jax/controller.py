@@ -22,6 +22,17 @@ late decide identically. Deciding a batch whose due losses were never observed r
 ``MissingObservationError``. Every batch must be observed, once, in order,
 whichever network trained on it and whatever the condition.
 
+A missing loss. ``observe(t, None)`` says batch t has no loss to go by: its
+loss or a gradient was not finite, so its update was not applied
+(``steps``). It is observed all the same (the order above holds); the
+conditions that read losses treat it as no evidence either way: it is neither
+a fall nor a rise (``loss_streak``: the streak ends, since a streak is of
+consecutive falls, and the smoothed loss is kept, since the state it measured
+did not change). The conditions that go by the batch index alone are not
+affected. ``missing_losses`` counts them, ``missing_in_a_row`` the current run
+of them (the training loop stops a run after ``max_nonfinite_steps`` in a
+row); both are in the checkpointed state.
+
 Rules for batch t, first match wins:
 
 1. a motivated phase is running          -> "motivated", reason "phase"
@@ -49,7 +60,7 @@ sub-dict of that name in the config):
   first loss, then s = ema*s_prev + (1-ema)*loss); a decrease is
   s < s_prev - margin*|s_prev|. Fires when the last k losses were all
   decreases; score = the streak length. A NaN/inf loss resets the streak and
-  the smoothing.
+  the smoothing; a missing loss (None) ends the streak and keeps the smoothing.
 * ``every_n(n)``: fires on batches n-1, 2n-1, ...; score = (t+1) % n.
 * ``random(p, seed=0)``: fires when u < p, u = random.Random(f"{seed}:{t}")
   .random() (a function of the batch index only: the same on every process
@@ -130,8 +141,9 @@ class Condition:
   def __init__(self) -> None:
     pass  # Explicit, so make_condition reads "no parameters" off the signature.
 
-  def observe(self, step: int, loss: float) -> None:
-    """Feeds the loss of batch ``step``; called in step order, due losses only."""
+  def observe(self, step: int, loss: float | None) -> None:
+    """Feeds the loss of batch ``step`` (None: missing, see the module docstring);
+    called in step order, due losses only."""
 
   def evaluate(self, step: int) -> tuple[bool, float]:
     """Returns (fire, score) for the decision about batch ``step``."""
@@ -223,7 +235,10 @@ class LossStreak(Condition):
     self.smoothed: float | None = None  # None: no finite loss since the start or a reset.
     self.streak = 0
 
-  def observe(self, step: int, loss: float) -> None:
+  def observe(self, step: int, loss: float | None) -> None:
+    if loss is None:  # no evidence: not a fall, and what it would be compared with stays
+      self.streak = 0
+      return
     loss = float(loss)
     if not math.isfinite(loss):
       self.smoothed, self.streak = None, 0
@@ -322,6 +337,8 @@ class Controller:
     self._last_observed = -1
     self._counts = {"base": 0, "motivated": 0}
     self._activations = 0
+    self._missing = 0             # Batches observed without a loss (None).
+    self._missing_in_a_row = 0    # ... since the last batch with one.
     self._log: list[Decision] = []
 
   @classmethod
@@ -356,8 +373,19 @@ class Controller:
     """How many motivated phases have started."""
     return self._activations
 
-  def observe(self, step: int, loss: float) -> None:
-    """Records the training loss of batch ``step`` (whichever network trained on it)."""
+  @property
+  def missing_losses(self) -> int:
+    """How many batches were observed without a loss (``observe(t, None)``)."""
+    return self._missing
+
+  @property
+  def missing_in_a_row(self) -> int:
+    """How many of the last observed batches in a row had no loss."""
+    return self._missing_in_a_row
+
+  def observe(self, step: int, loss: float | None) -> None:
+    """Records the training loss of batch ``step`` (whichever network trained on it),
+    or None: the batch has none (its update was not applied; module docstring)."""
     step = _int("observe: step", step)
     if step >= self._step:
       raise ValueError(f"observe({step}, ...): batch {step} has not been decided yet "
@@ -365,12 +393,16 @@ class Controller:
     if step != self._last_observed + 1:
       raise ValueError(f"observe({step}, ...): expected batch {self._last_observed + 1} next "
                        f"(losses are observed in batch order, each once)")
-    try:
-      loss = float(loss)
-    except (TypeError, ValueError):
-      raise ValueError(f"observe({step}, ...): loss must be a number, got {loss!r}") from None
+    if loss is not None:
+      try:
+        loss = float(loss)
+      except (TypeError, ValueError):
+        raise ValueError(f"observe({step}, ...): loss must be a number or None, "
+                         f"got {loss!r}") from None
     self._held.append([step, loss])
     self._last_observed = step
+    self._missing += loss is None
+    self._missing_in_a_row = self._missing_in_a_row + 1 if loss is None else 0
 
   def next_kind(self) -> str:
     """Decides batch ``self.step``, logs the decision, advances; "base" or "motivated"."""
@@ -436,11 +468,17 @@ class Controller:
         "condition": _json_normal(self._condition.state_dict()),
         "counts": dict(self._counts),
         "activations": self._activations,
+        "missing_losses": self._missing,
+        "missing_in_a_row": self._missing_in_a_row,
     }
+
+  # Keys a state saved before they existed may lack (it had no missing losses).
+  _OPTIONAL_STATE = ("missing_losses", "missing_in_a_row")
 
   def load_state_dict(self, d: Mapping) -> None:
     """Restores ``state_dict()``; refuses a state saved under another configuration."""
-    missing = [key for key in self.state_dict() if key not in d]
+    missing = [key for key in self.state_dict() if key not in d
+               and key not in self._OPTIONAL_STATE]
     if missing:
       raise ValueError(f"controller state is missing {missing[0]!r}")
     saved, mine = _json_normal(d["config"]), self.config
@@ -449,12 +487,14 @@ class Controller:
         raise ValueError(f"controller config differs from the checkpoint's: {key} is "
                          f"{mine.get(key)!r} here, {saved.get(key)!r} in the checkpoint")
     # Everything is converted before anything is assigned: a bad state changes nothing.
-    held = [[_int("controller state: held step", s), float(loss)]
+    held = [[_int("controller state: held step", s), None if loss is None else float(loss)]
             for s, loss in d["held_losses"]]
+    d = {**dict.fromkeys(self._OPTIONAL_STATE, 0), **d}
     scalars = {key: _int(f"controller state: {key}", d[key], minimum)
                for key, minimum in (("step", 0), ("phase_remaining", 0),
                                     ("cooldown_remaining", 0), ("last_observed_step", -1),
-                                    ("activations", 0))}
+                                    ("activations", 0), ("missing_losses", 0),
+                                    ("missing_in_a_row", 0))}
     counts = {kind: _int(f"controller state: counts[{kind}]", d["counts"][kind], 0)
               for kind in ("base", "motivated")}
     self._condition.load_state_dict(d["condition"])
@@ -463,5 +503,7 @@ class Controller:
     self._cooldown_remaining = scalars["cooldown_remaining"]
     self._last_observed = scalars["last_observed_step"]
     self._activations = scalars["activations"]
+    self._missing = scalars["missing_losses"]
+    self._missing_in_a_row = scalars["missing_in_a_row"]
     self._log = []
 

@@ -44,8 +44,12 @@ def export_run(workdir: str, subnet: str, out: str, *, step: int | None = None) 
   """Exports ``subnet`` of the run in ``workdir`` to ``out``; returns model.json's content."""
   if subnet not in SUBNETS:
     raise ConfigError(f"--subnet must be 'base' or 'motivated', got {subnet!r}")
-  if files.exists(out) and files.list_dir(out):
+  if not workdir:
+    raise ConfigError("--workdir is empty; give the training run's --workdir")
+  if files.is_dir(out) and files.list_dir(out):
     raise ConfigError(f"--out={out} exists and is not empty; pick a new directory")
+  # Before the checkpoint is read: a bad --out fails at once, not after the restore.
+  files.writable_directory(out, "--out")
   directory = files.join(workdir, "checkpoints")
   if not files.is_dir(directory):
     raise CheckpointError(f"no checkpoints in {directory}; train first with "
@@ -89,7 +93,6 @@ def export_run(workdir: str, subnet: str, out: str, *, step: int | None = None) 
       "source": {"workdir": files.resolve(workdir), "step": step,
                  "dataset": dataset["name"], "model": config.model.to_dict()},
   }
-  files.make_dirs(out)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(files.join(files.resolve(out), "variables"), variables)
   checkpointer.wait_until_finished()

@@ -14,15 +14,19 @@ once per checkpoint, and a reader never sees half a line. On a local path a
 line is appended and flushed as it comes, as before, and ``fsync``-ed when it
 must survive a kill of the machine.
 
-Standard library and etils only: ``metrics`` and ``experiments`` use it too.
+Standard library, etils and ``errors`` only: ``metrics`` and ``experiments`` use
+it too.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Iterable
 
 from etils import epath
+
+from motivation_jax.errors import ConfigError
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -130,3 +134,31 @@ class LineFile:
     self.sync()
     if self._file is not None:
       self._file.close()
+
+
+def writable_directory(p: str, label: str) -> str:
+  """Makes directory ``p`` (and its parents) if need be and checks that this
+  process can write in it; else a one-line ``ConfigError`` naming ``label``
+  (e.g. ``--workdir``). Writing a file is the test: permission bits say
+  nothing to root, a read-only mount only answers a write, and a bucket's
+  permissions answer only a request."""
+  if not p:
+    raise ConfigError(f"{label} is empty; give a directory")
+  try:
+    make_dirs(p)
+    probe = join(p, f".write-test-{uuid.uuid4().hex}")
+    if is_url(p):
+      epath.Path(probe).write_text("")
+      epath.Path(probe).unlink()
+    else:
+      with open(probe, "w"):
+        pass
+      os.remove(probe)
+  except Exception as e:  # OSError locally; a bucket's clients raise their own types
+    why = getattr(e, "strerror", None) or str(e).split("\n")[0] or type(e).__name__
+    if isinstance(e, FileExistsError) or (exists(p) and not is_dir(p)):
+      why = "it is a file, not a directory"
+    elif isinstance(e, NotADirectoryError):
+      why = "a part of its path is a file, not a directory"
+    raise ConfigError(f"cannot write in {label}={p}: {why}") from e
+  return p

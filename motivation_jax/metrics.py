@@ -7,9 +7,15 @@ import json
 import math
 from typing import Any, Mapping
 
+import logging
+
 from tensorboardX import SummaryWriter
 
 from motivation_jax import files
+
+# tensorboardX warns, without saying which, for every non-finite scalar; the
+# metrics.jsonl line names them (``non_finite``) and the run says what it means.
+logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
 
 
 def finite_json(values: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:

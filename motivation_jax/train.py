@@ -52,6 +52,7 @@ _CHECKS = {
     "data_threads": (int, "an integer >= 0", lambda v: v >= 0),
     "data_workers": (int, "an integer >= 0", lambda v: v >= 0),
     "bn_recalibration_batches": (int, "an integer >= 0", lambda v: v >= 0),
+    "max_nonfinite_steps": (int, *_AT_LEAST_1),
     "learning_rate": (float, "a finite number > 0", lambda v: v > 0),
     "momentum": (float, "a number in [0, 1)", lambda v: 0 <= v < 1),
     "weight_decay": (float, *_NON_NEGATIVE), "warmup_epochs": (float, *_NON_NEGATIVE),
@@ -88,6 +89,26 @@ def check_config(config) -> None:
   if "mesh" not in config:
     raise ConfigError("config.mesh is missing (configs/default.py lists every key)")
   sharding.check_mesh_config(config.mesh)  # setup checks it against the devices
+
+
+# What a run writes in its workdir: name -> whether it is a folder.
+WORKDIR_ENTRIES = {"checkpoints": True, "tensorboard": True, "decisions.jsonl": False,
+                   "metrics.jsonl": False, "summary.json": False}
+
+
+def check_workdir(workdir: str) -> None:
+  """Refuses, in one line and before any work, a workdir this run could not
+  write in: one that is a file, empty, read-only, or where a file the run
+  writes is a folder or the other way round (found after training otherwise,
+  or, for a checkpoint Orbax writes in the background, never)."""
+  files.writable_directory(workdir, "workdir")
+  for name, folder in WORKDIR_ENTRIES.items():
+    path = files.join(workdir, name)
+    if files.exists(path) and files.is_dir(path) != folder:
+      raise ConfigError(f"{path} is a {'file' if folder else 'folder'}, not a "
+                        f"{'folder' if folder else 'file'}: a run writes one there; move it "
+                        "away or pick another --workdir")
+  files.writable_directory(files.join(workdir, "checkpoints"), "the checkpoint folder")
 
 
 def build(config, dataset: data.Dataset):
@@ -157,8 +178,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, steps.T
   ``workdir``. Refuses bad input in one line before any training, and compiles
   both step kinds (which also gives their FLOPs)."""
   check_config(config)
-  # A local directory, or a bucket URL (gs://...): motivation_jax.files.
-  files.make_dirs(workdir)
+  check_workdir(workdir)  # a local directory, or a bucket URL (motivation_jax.files)
   dataset = data.get_dataset(config.dataset, config.data_dir,
                              mock_examples=config.mock_data_examples,
                              image_size=config.image_size)
@@ -253,7 +273,7 @@ def make_recalibrate(config, model, wmap: nesting.WeightsMap, dataset: data.Data
 SAFE_TO_CHANGE_ON_RESUME = (
     "num_epochs", "log_every_steps", "eval_every_epochs", "checkpoint_every_epochs",
     "bn_recalibration_batches", "eval_batch_size", "data_threads", "data_workers",
-    "data_dir", "progress_bar", "mesh.", "dtype")
+    "data_dir", "progress_bar", "max_nonfinite_steps", "mesh.", "dtype")
 _CHECKED_ELSEWHERE = ("motivation.", "seed", "batch_size")
 
 
@@ -318,6 +338,14 @@ class PendingMetrics:
   long finished: reading them costs no device stall. Each loss is checked,
   given to the controller, and kept for the next log line.
 
+  A batch whose step says ``nonfinite`` (its loss or a gradient was not
+  finite, so the step did not apply it; ``steps``) is told
+  to the controller as missing (``observe(t, None)``), counted in the next log
+  line's ``nonfinite_steps``, and written to decisions.jsonl with ``"loss":
+  null, "nonfinite": true``; none of its metrics enter the means. After
+  ``config.max_nonfinite_steps`` such batches in a row the run stops
+  (``TrainingError``), and the newest checkpoint holds only applied updates.
+
   Reading costs no device round trip either: on an accelerator each metric's
   copy to the host starts when its batch is dispatched (``copy_to_host_async``
   runs once the step is done), so the read finds it there; on a CPU the
@@ -328,13 +356,16 @@ class PendingMetrics:
   read, and so which decisions are taken, is unchanged: it depends on the lag only.
   """
 
-  def __init__(self, controller: Controller, ckpt: checkpoint.Checkpointer):
+  def __init__(self, controller: Controller, ckpt: checkpoint.Checkpointer, *,
+               max_nonfinite_steps: int = 10):
     self._controller, self._ckpt = controller, ckpt
+    self._max_nonfinite = max_nonfinite_steps
     self._lag = controller.config["decision_lag"]
     self._prefetch = jax.default_backend() != "cpu"  # a CPU's arrays are host memory
     self._queue: collections.deque = collections.deque()
     self._interval: dict[str, list[float]] = collections.defaultdict(list)
-    self.losses: dict[int, float] = {}  # batch -> training loss, until decisions.jsonl has it
+    # batch -> training loss (None: not applied), until decisions.jsonl has it
+    self.losses: dict[int, float | None] = {}
 
   def push(self, t: int, kind: str, metrics: dict[str, jax.Array]) -> None:
     if self._prefetch:
@@ -351,8 +382,10 @@ class PendingMetrics:
       self._observe_oldest()
 
   def interval_means(self) -> dict[str, float]:
-    """Mean of each metric since the last call, per step kind."""
-    means = {k: float(np.mean(v)) for k, v in self._interval.items()}
+    """Mean of each metric since the last call, per step kind; ``nonfinite_steps``
+    is a count."""
+    means = {k: float(np.sum(v) if k == "nonfinite_steps" else np.mean(v))
+             for k, v in self._interval.items()}
     self._interval.clear()
     return means
 
@@ -373,12 +406,23 @@ class PendingMetrics:
     t, kind, metrics = self._queue.popleft()
     metrics = self._read(metrics)
     loss = metrics["loss"]
-    if not math.isfinite(loss):
-      last = self._ckpt.committed_step()  # a save in flight is finished first
-      kept = (f"the checkpoint of batch {last} in {self._ckpt.directory} is intact"
-              if last is not None else "no checkpoint had been written yet")
-      raise TrainingError(f"the training loss is {loss} at batch {t} ({kind} step); {kept}; "
-                          "lower config.learning_rate")
+    # A step of one's own without the flag: a non-finite loss is still not used.
+    if metrics.pop("nonfinite", 0.0) or not math.isfinite(loss):
+      self._controller.observe(t, None)
+      self.losses[t] = None
+      self._interval["nonfinite_steps"].append(1.0)
+      in_a_row = self._controller.missing_in_a_row
+      if in_a_row >= self._max_nonfinite:
+        last = self._ckpt.committed_step()  # a save in flight is finished first
+        kept = (f"the checkpoint of batch {last} in {self._ckpt.directory} is intact"
+                if last is not None else "no checkpoint had been written yet")
+        raise TrainingError(
+            f"the training loss or a gradient was not finite on {in_a_row} batches in a row "
+            f"(batches {t - in_a_row + 1} to {t}, the last a {kind} step; the training loss "
+            f"was {loss}); their updates were not applied; {kept}; lower "
+            f"config.learning_rate (config.max_nonfinite_steps={self._max_nonfinite} "
+            "stops a run here)")
+      return
     self._controller.observe(t, loss)
     self.losses[t] = loss
     for name, value in metrics.items():
@@ -443,7 +487,8 @@ def train(run: Run, state: steps.TrainState) -> tuple[steps.TrainState, dict[str
 def _train(run: Run, state: steps.TrainState, stop: StopRequest
            ) -> tuple[steps.TrainState, dict[str, float]]:
   config, controller = run.config, run.controller
-  pending = PendingMetrics(controller, run.ckpt)
+  pending = PendingMetrics(controller, run.ckpt,
+                           max_nonfinite_steps=config.max_nonfinite_steps)
   pending.resume_interval(run.log_interval)
   decisions = agreement.DecisionCheck(controller)  # the same on every process
   eval_metrics: dict[str, float] = {}
@@ -543,7 +588,45 @@ def evaluate_and_log(run: Run, state: steps.TrainState, step: int, bar: tqdm.tqd
   if bad:  # the training loss stayed finite (else the run stopped): the weights diverged
     bar.write(f"warning: {', '.join(bad)} not finite at epoch {epoch}: that model diverged; "
               "lower config.learning_rate")
+  worse = worse_than_guessing(run, metrics)
+  if worse:
+    bar.write(f"warning: at epoch {epoch} {'; '.join(worse)}: training diverged; "
+              "lower config.learning_rate")
   return metrics
+
+
+def trained_subnets(run: Run) -> list[str]:
+  """The sub-networks that took at least one update of their own so far."""
+  counts = run.controller.counts
+  base = counts["base"] > 0 or (run.config.motivation.policy == "both"
+                                and counts["motivated"] > 0)
+  return [s for s, trained in (("base", base), ("motivated", counts["motivated"] > 0))
+          if trained]
+
+
+def worse_than_guessing(run: Run, metrics: dict[str, float]) -> list[str]:
+  """For each sub-network that trained and whose test loss is not finite, or is
+  over ten times a uniform guess's (10 ln classes) while its accuracy is below
+  twice chance: what it scored. A learning rate far too large gives this with
+  a training loss that stays finite: the weights swing to where every
+  prediction is confident and wrong (test losses of 58 to 8,705 for 10 classes
+  at learning rate 100). An undertrained model is far from it: EfficientNet's
+  smoke run on mock data, 100 classes, ends near 11 > 2 ln 100, so twice a
+  uniform guess's would call it diverged."""
+  classes = run.dataset.num_classes
+  out = []
+  for subnet in trained_subnets(run):
+    loss = metrics.get(f"{subnet}/test_loss")
+    accuracy = metrics.get(f"{subnet}/test_accuracy")
+    if loss is None or accuracy is None:
+      continue
+    if not math.isfinite(loss) or (loss > 10 * math.log(classes) and accuracy < 2 / classes):
+      out.append(f"the {subnet} model is worse than guessing (test loss {loss:.4g} > "
+                 f"10 ln {classes}, test accuracy {accuracy:.4f}, chance {1 / classes:.4f})")
+  return out
+
+
+_state_is_finite = jax.jit(steps.all_finite)
 
 
 def save(run: Run, state: steps.TrainState, pending: PendingMetrics, step: int) -> None:
@@ -553,13 +636,25 @@ def save(run: Run, state: steps.TrainState, pending: PendingMetrics, step: int) 
   Those lines are written before the checkpoint commits: if the process dies
   during the save, the next start resumes from the previous checkpoint and
   first cuts the logs back to it (``setup``), so no line is ever doubled.
+
+  A state that is not finite (an update whose gradient was finite overflowed;
+  the steps skip only what they can see before updating) is never saved:
+  the run stops there, and the checkpoints before it stay the newest.
   """
   pending.flush()
+  if not bool(_state_is_finite((state.params, state.batch_stats, state.opt_state))):
+    last = run.ckpt.committed_step()
+    kept = (f"the checkpoint of batch {last} in {run.ckpt.directory} is intact"
+            if last is not None else "no checkpoint had been written yet")
+    raise TrainingError(f"the parameters or optimizer state are not finite at batch {step} "
+                        f"(an update overflowed), so they were not checkpointed; {kept}; "
+                        "lower config.learning_rate")
   decisions = run.controller.drain_decisions()
   if run.chief:
-    files.append_lines(files.join(run.workdir, "decisions.jsonl"),
-                       (json.dumps({**d.to_dict(), "loss": pending.losses.pop(d.step)}) + "\n"
-                        for d in decisions))
+    files.append_lines(files.join(run.workdir, "decisions.jsonl"), (
+        json.dumps({**d.to_dict(), "loss": loss,
+                    **({"nonfinite": True} if loss is None else {})}) + "\n"
+        for d in decisions for loss in [pending.losses.pop(d.step)]))
   run.writer.flush()
   run.ckpt.save(step, state=state, controller_state=run.controller.state_dict(),
                 data_position=run.train_data.position(step),
@@ -587,10 +682,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise
   run.close()
   summary = summarize(run, eval_metrics, time.time() - start_time)
+  worse = worse_than_guessing(run, eval_metrics)
+  if worse:
+    summary["diverged"] = [w.split()[1] for w in worse]
   if run.chief:
     written, bad = finite_json(summary)
     files.write_text(files.join(workdir, "summary.json"), json.dumps(
         {**written, **({"non_finite": bad} if bad else {})}, indent=2, allow_nan=False))
+  if worse:  # not a success, whatever was written: a scheduler must see it
+    raise TrainingError(f"the run ended, but {'; '.join(worse)}: training diverged; its "
+                        f"summary and last checkpoint are in {workdir}; lower "
+                        "config.learning_rate")
   return summary
 
 
@@ -609,6 +711,8 @@ def summarize(run: Run, eval_metrics: dict[str, float], wall_time_s: float) -> d
       "base_steps": counts["base"],
       "motivated_steps": counts["motivated"],
       "activations": run.controller.activations,
+      # Batches whose update was not applied (a non-finite loss or gradient).
+      "nonfinite_steps": run.controller.missing_losses,
       "params": {"base": run.wmap.num_params("base"),
                  "motivated": run.wmap.num_params("motivated")},
       "flops_per_step": flops,
@@ -647,6 +751,9 @@ def format_summary(summary: dict[str, Any]) -> str:
       f"motivated model alone on every batch ({summary['large_alone_flops']:.3e})",
       f"wall time: {summary['wall_time_s']:.1f} s",
   ]
+  if summary.get("nonfinite_steps"):
+    lines.insert(-1, f"batches not applied (a non-finite loss or gradient): "
+                     f"{summary['nonfinite_steps']:,}")
   if summary["resumed_from_step"]:
     lines[-1] += f" (this process, resumed at batch {summary['resumed_from_step']:,})"
   return "\n".join(lines)

@@ -8,6 +8,8 @@ sees. Optional keys stop it the way the tests need:
 - ``"kill_at_batch": k``: SIGKILL itself once batch k is dispatched;
 - ``"kill_in_save": n``: SIGKILL itself right after the save of batch n has
   started, while Orbax is still writing it in the background;
+- ``"poison_from_batch": k``: from training batch k on, each batch has a label
+  past the last class, so its loss is NaN in the real compiled step;
 - ``"report_batches": true``: print ``batch k`` on stdout as each batch is
   dispatched, and sleep ``batch_sleep_s`` after it, so that a test can send a
   signal from outside while it trains.
@@ -49,6 +51,15 @@ def main() -> None:
     if step == args.get("kill_in_save"):
       os.kill(os.getpid(), signal.SIGKILL)
 
+  getitem = train.data.TrainBatches.__getitem__
+
+  def maybe_poisoned(self, step):
+    batch = getitem(self, step)
+    if step >= args.get("poison_from_batch", float("inf")):
+      batch = {**batch, "label": batch["label"] + 200}
+    return batch
+
+  train.data.TrainBatches.__getitem__ = maybe_poisoned
   train.PendingMetrics.push = push_and_maybe_stop
   checkpoint.Checkpointer.save = save_and_maybe_die
   cli.run(lambda: train.train_and_evaluate(config, args["workdir"]))

@@ -111,6 +111,44 @@ def test_loss_streak_non_finite_loss_resets_streak_and_smoothing(bad, ema):
   assert condition.smoothed == (3.0 if ema == 0.0 else 3.75)
 
 
+@pytest.mark.parametrize("ema", [0.0, 0.5])
+def test_loss_streak_missing_loss_ends_the_streak_and_keeps_the_smoothing(ema):
+  condition = make_condition("loss_streak", k=2, ema=ema)
+  got = trace(condition, [10, 9, 8, None, 7, 6, None, None, 5])
+  # A missing loss is not a fall (the streak ends) and not a new start: 7 is
+  # compared with the smoothed value before it, so it is a fall at once.
+  assert [score for _, score in got] == [0, 1, 2, 0, 1, 2, 0, 0, 1]
+  assert [f for f, _ in got] == [False, False, True, False, False, True, False, False, False]
+  with_gap = condition.smoothed
+  without = make_condition("loss_streak", k=2, ema=ema)
+  trace(without, [10, 9, 8, 7, 6, 5])
+  assert with_gap == without.smoothed  # the smoothing never saw the gaps
+
+
+def test_missing_losses_are_counted_held_and_resumed():
+  ctrl = Controller(make_condition("loss_streak", k=1), decision_lag=1)
+  run(ctrl, [3.0, None, None, 2.0, None])
+  assert ctrl.missing_losses == 3 and ctrl.missing_in_a_row == 1
+  state = json.loads(json.dumps(ctrl.state_dict()))
+  assert state["held_losses"] == [[3, 2.0], [4, None]]  # not due yet at lag 1
+  assert (state["missing_losses"], state["missing_in_a_row"]) == (3, 1)
+  resumed = Controller(make_condition("loss_streak", k=1), decision_lag=1)
+  resumed.load_state_dict(state)
+  assert json.dumps(resumed.state_dict()) == json.dumps(state)
+  for c in (ctrl, resumed):
+    c.next_kind()
+    c.observe(5, None)
+    assert (c.missing_losses, c.missing_in_a_row) == (4, 2)
+  assert ctrl.next_kind() == resumed.next_kind()
+  assert ctrl.state_dict() == resumed.state_dict()
+  # A state saved before these counters existed resumes with none missing.
+  older = {k: v for k, v in state.items() if not k.startswith("missing")}
+  older["held_losses"] = [[3, 2.0], [4, 1.0]]
+  again = Controller(make_condition("loss_streak", k=1), decision_lag=1)
+  again.load_state_dict(older)
+  assert (again.missing_losses, again.missing_in_a_row) == (0, 0)
+
+
 def test_never_always_every_n():
   assert [make_condition("never").evaluate(t) for t in range(3)] == [(False, 0.0)] * 3
   assert [make_condition("always").evaluate(t) for t in range(3)] == [(True, 1.0)] * 3
@@ -279,7 +317,7 @@ def test_observe_twice_or_backwards_raises_and_bad_loss_raises():
   for step in (1, 0):
     with pytest.raises(ValueError, match="expected batch 2 next"):
       ctrl.observe(step, 1.0)
-  with pytest.raises(ValueError, match="loss must be a number"):
+  with pytest.raises(ValueError, match="loss must be a number or None"):
     ctrl.observe(2, "low")
   ctrl.observe(2, NAN)  # Non-finite losses are accepted.
 

@@ -110,3 +110,21 @@ def test_the_command_line_exports_and_reports_errors_in_one_line(run, tmp_path):
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines() == [
       f"error: --out={tmp_path / 'm'} exists and is not empty; pick a new directory"]
+
+
+def test_export_verifies_the_checksum_of_the_statistics_it_deploys(run, tmp_path):
+  """Readable ``eval_stats`` that are not the ones saved (silent corruption) are
+  refused, not deployed."""
+  import shutil
+  workdir = tmp_path / "run"
+  shutil.copytree(run[0], workdir)
+  step = max(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
+  path = workdir / "checkpoints" / str(step) / "checksum" / "metadata"
+  checksum = json.loads(path.read_text())
+  leaf = sorted(checksum["eval_stats"])[0]
+  checksum["eval_stats"][leaf][0] ^= 1
+  path.write_text(json.dumps(checksum))
+  with pytest.raises(CheckpointError, match=rf"checkpoints/{step} is damaged \(its array "
+                     rf"eval_stats/{leaf} does not match its checksum\)"):
+    export_run(str(workdir), "base", str(tmp_path / "out"))
+  assert not (tmp_path / "out" / "model.json").exists()

@@ -143,6 +143,26 @@ def test_sigkill_at_random_batches_and_during_saves_then_resume(straight, tmp_pa
                                                         "44.unusable"}
 
 
+@pytest.mark.slow  # two processes; test_train.py tests the same stop in this process
+def test_non_finite_batches_in_a_row_stop_the_command_line_with_one_line(straight, tmp_path):
+  workdir = tmp_path / "run"
+  stopped = run_worker(workdir, poison_from_batch=30, overrides={"max_nonfinite_steps": 3})
+  assert stopped.returncode == 2, stopped.stderr
+  assert "Traceback" not in stopped.stderr
+  last = stopped.stderr.strip().splitlines()[-1]
+  assert re.fullmatch(r"error: the training loss or a gradient was not finite on 3 batches in "
+                      r"a row \(batches 30 to 32, the last a (base|motivated) step; the training "
+                      r"loss was nan\); their updates were not applied; the checkpoint of batch "
+                      rf"22 in {workdir}/checkpoints is intact; lower config.learning_rate "
+                      r"\(config.max_nonfinite_steps=3 stops a run here\)", last), last
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["22"]
+  # Restarted without the bad batches, it resumes from that checkpoint: the same run.
+  resumed = run_worker(workdir, overrides={"max_nonfinite_steps": 3})
+  assert resumed.returncode == 0, resumed.stderr
+  assert json.load(open(workdir / "summary.json"))["resumed_from_step"] == 22
+  assert_same_run(workdir, straight)
+
+
 def _damage_bytes(state_dir) -> None:
   """64 bytes changed in the middle of each array file (the issue's damage)."""
   for path in state_dir.rglob("*"):
@@ -169,10 +189,19 @@ def _other_checksum(state_dir) -> None:
   path.write_text(json.dumps(checksum))
 
 
+def _truncate_array_data(state_dir) -> None:
+  """The array chunks cut to a third, the metadata left whole: the restore
+  starts reading arrays, and fails on several at once."""
+  for path in (state_dir / "ocdbt.process_0" / "d").iterdir():
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 3])
+
+
 DAMAGE = {
     "changed_bytes": (_damage_bytes, "checksum|cannot be read"),
     "truncated_files": (_truncate, "cannot be read"),
     "other_checksum": (_other_checksum, r"its array state/\S+ does not match its checksum"),
+    "truncated_array_data": (_truncate_array_data, "cannot be read"),
     "missing_manifest": (lambda d: (d / "manifest.ocdbt").unlink(), "cannot be read"),
     "missing_metadata": (lambda d: (d / "_METADATA").unlink(), "metadata cannot be read"),
     "missing_controller_item": (lambda d: (d.parent / "controller" / "metadata").unlink(),
@@ -211,6 +240,23 @@ def test_a_run_with_a_damaged_newest_checkpoint_resumes_from_the_previous_one(st
   assert_same_run(workdir, straight)
 
 
+def test_a_resume_past_unreadable_arrays_prints_one_warning_line(straight, tmp_path):
+  """Orbax abandons the other reads when one array fails; each abandoned read
+  coroutine raised again when collected (4,764 lines of "Exception ignored in"
+  tracebacks after the warning, before the fix)."""
+  workdir = tmp_path / "run"
+  shutil.copytree(straight, workdir)
+  _truncate_array_data(workdir / "checkpoints" / "44" / "state")
+  resumed = run_worker(workdir)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  lines = resumed.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      f"warning: skipping the checkpoint at {workdir}/checkpoints/44: it cannot be read: "), lines
+  assert "TensorStore details" not in lines[0]  # cut before the spec's repr
+  assert json.load(open(workdir / "summary.json"))["resumed_from_step"] == 22
+  assert_same_run(workdir, straight)
+
+
 def test_a_damaged_checkpoint_asked_for_by_step_is_refused_in_one_line(straight, tmp_path):
   directory = tmp_path / "checkpoints"
   shutil.copytree(straight / "checkpoints", directory)
@@ -222,3 +268,39 @@ def test_a_damaged_checkpoint_asked_for_by_step_is_refused_in_one_line(straight,
     ckpt.restore(abstract, 44)
   ckpt.close()
   assert sorted(os.listdir(directory)) == ["22", "44"]  # asked for by step: left as it is
+
+
+def test_a_save_that_fails_in_the_background_is_one_line_and_keeps_the_last_checkpoint(
+    straight, tmp_path, monkeypatch):
+  """A full disk while Orbax writes in its threads (seen on a 300 KiB tmpfs:
+  before, 460 lines of tracebacks and exit 1) reaches the caller as one
+  CheckpointError with the OS's reason."""
+  workdir = tmp_path / "run"
+  shutil.copytree(straight, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "44")
+  wait = ocp.CheckpointManager.wait_until_finished
+
+  def full_disk(self):
+    wait(self)
+    if self._checkpoints_saved_after_22:  # Orbax's save itself waits first: it fails there
+      raise ValueError('RESOURCE_EXHAUSTED: Error writing "step/0" in OCDBT database at local '
+                       'file "...": Failed to write 1074330 bytes to file 8: No space left on '
+                       "device [os_error_code='28']")
+
+  save = ocp.CheckpointManager.save
+
+  def noting_save(self, step, *args, **kwargs):
+    self._checkpoints_saved_after_22 = True
+    return save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "_checkpoints_saved_after_22", False, raising=False)
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", full_disk)
+  monkeypatch.setattr(ocp.CheckpointManager, "save", noting_save)
+  with pytest.raises(CheckpointError, match=r"^cannot write a checkpoint in \S+/checkpoints \(No "
+                     r"space left on device\); the checkpoints before it are intact") as e:
+    train.train_and_evaluate(small_config(), str(workdir))
+  assert "\n" not in str(e.value)
+  monkeypatch.undo()
+  ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"))
+  assert ckpt.latest_step() == 22
+  ckpt.close()

@@ -321,3 +321,60 @@ def test_bfloat16_computes_in_bfloat16_keeps_the_state_float32_and_the_base_step
   assert changed_outside_base(before, _copy(state), wmap, optimizer) == []
   assert not np.array_equal(before.params["head"]["kernel"], state.params["head"]["kernel"])
   assert _float_dtypes(state) == {"float32"} and np.isfinite(metrics["loss"])
+
+
+def _poisoned(how, seed=0):
+  """A batch whose loss is not finite: a NaN or inf pixel, or a label past the
+  last class (the cross entropy's gather then reads NaN)."""
+  batch = make_batch(seed=seed)
+  if how == "label_out_of_range":
+    return {**batch, "label": batch["label"].at[3].set(200)}
+  value = float("nan") if how == "nan_image" else float("inf")
+  return {**batch, "image": batch["image"].at[2, 1, 1, 0].set(value)}
+
+
+def _model_state(state):
+  return {"params": state.params, "batch_stats": state.batch_stats,
+          "opt_state": state.opt_state}
+
+
+@pytest.mark.parametrize("policy", ["switch", "both"])
+@pytest.mark.parametrize("how", ["nan_image", "inf_image", "label_out_of_range"])
+def test_a_non_finite_batch_is_not_applied_by_either_step(policy, how):
+  _, _, state, _, fns = _fresh("cnn", "adamw", policy=policy)
+  state, _ = fns["motivated"](state, make_batch(seed=1))  # mid-run: moments are non-zero
+  for i, kind in enumerate(("base", "motivated", "base")):
+    before = _copy(state)
+    state, metrics = fns[kind](state, _poisoned(how, seed=i))
+    assert bool(metrics["nonfinite"])
+    if how == "label_out_of_range":
+      assert not np.isfinite(metrics["loss"])
+    # (A bad pixel can leave this CNN's loss finite and only its gradient not.)
+    after = _copy(state)
+    # Bit for bit, every leaf, the optimizer's count included.
+    jax.tree.map(np.testing.assert_array_equal, _model_state(before), _model_state(after))
+    assert int(after.step) == int(before.step) + 1  # the batch count still advances
+  # ... and training goes on from there.
+  before = _copy(state)
+  state, metrics = fns["base"](state, make_batch(seed=7))
+  assert not bool(metrics["nonfinite"]) and np.isfinite(metrics["loss"])
+  assert not np.array_equal(before.params["head"]["kernel"], state.params["head"]["kernel"])
+
+
+# "both" compiles two more programs: in the full run only.
+@pytest.mark.parametrize("policy", ["switch", pytest.param("both", marks=pytest.mark.slow)])
+def test_the_finite_check_changes_no_bit_of_a_finite_step(monkeypatch, policy):
+  """The same steps built without the select (``keep_if`` taking the update
+  as it is) give the same state and metrics, bit for bit."""
+  model, optimizer, host, wmap, guarded = _compiled("cnn", "adamw", policy=policy)
+  monkeypatch.setattr(steps, "keep_if", lambda finite, new, old: new)
+  unguarded = steps.make_train_steps(model, optimizer, wmap=wmap, policy=policy)
+  monkeypatch.undo()
+  states = {"guarded": jax.device_put(_copy(host)), "unguarded": jax.device_put(_copy(host))}
+  for i, kind in enumerate(("motivated", "base", "base", "motivated")):
+    outputs = {}
+    for name, fns in (("guarded", guarded), ("unguarded", unguarded)):
+      states[name], metrics = fns[kind](states[name], make_batch(seed=20 + i))
+      outputs[name] = (_copy(states[name]),
+                       {k: np.asarray(v) for k, v in metrics.items() if k != "nonfinite"})
+    jax.tree.map(np.testing.assert_array_equal, outputs["guarded"], outputs["unguarded"])

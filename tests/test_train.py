@@ -160,33 +160,118 @@ def test_resuming_with_other_batches_is_refused_in_one_line(finished_run, tmp_pa
   assert "\n" not in str(e.value)
 
 
-def test_a_nan_loss_stops_training_with_one_line(tmp_path):
-  # A learning rate this large sends the parameters to inf within two steps.
-  with pytest.raises(TrainingError, match=r"the training loss is nan at batch \d+ "
-                     r"\((base|motivated) step\); no checkpoint had been written") as e:
-    train.train_and_evaluate(small_config(learning_rate=1e30), str(tmp_path))
+def poison_labels(monkeypatch, batches):
+  """Training batches ``batches`` (a container of indices) get a label past the
+  last class: their loss is NaN in the real compiled step, as a corrupt
+  record's would be."""
+  getitem = train.data.TrainBatches.__getitem__
+
+  def poisoned(self, step):
+    batch = getitem(self, step)
+    if step in batches:
+      batch = {**batch, "label": batch["label"].copy()}
+      batch["label"][0] = 200
+    return batch
+
+  monkeypatch.setattr(train.data.TrainBatches, "__getitem__", poisoned)
+
+
+class _From:
+  def __init__(self, first):
+    self.first = first
+
+  def __contains__(self, step):
+    return step >= self.first
+
+
+def test_non_finite_batches_are_skipped_counted_and_logged(tmp_path, monkeypatch):
+  config = small_config(num_epochs=1, **{"motivation.loss_streak.k": 1})
+  poison_labels(monkeypatch, {5, 6, 14})
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary["nonfinite_steps"] == 3
+  assert summary["base_steps"] + summary["motivated_steps"] == 22  # training went on
+  assert min(summary["base/test_accuracy"], summary["motivated/test_accuracy"]) > 0.2  # chance: 0.1
+  assert "batches not applied (a non-finite loss or gradient): 3" in train.format_summary(summary)
+  decisions = [json.loads(l) for l in open(tmp_path / "decisions.jsonl")]
+  assert [d["step"] for d in decisions if d.get("nonfinite")] == [5, 6, 14]
+  assert all(d["loss"] is None for d in decisions if d.get("nonfinite"))
+  assert all(isinstance(d["loss"], float) for d in decisions if not d.get("nonfinite"))
+  metrics = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  counts = {m["step"]: m.get("nonfinite_steps") for m in metrics if "base/loss" in m}
+  assert counts == {10: 2, 20: 1}
+  # The means leave the skipped batches out: every logged training value is a number.
+  assert not any("non_finite" in m for m in metrics)
+
+
+def test_a_skipped_batch_leaves_the_state_as_it_was_in_the_loop(tmp_path, monkeypatch):
+  """Batch 5 poisoned: the state after batch 5 is the state after batch 4,
+  bit for bit (but its batch count), and batch 6 trains from it."""
+  poison_labels(monkeypatch, {5})
+  run, state = train.setup(small_config(num_epochs=1), str(tmp_path))
+  states = []
+  compiled = run.train_steps
+
+  def recording(kind):
+    def step(state, batch):
+      state, metrics = compiled[kind](state, batch)
+      states.append(jax.tree.map(lambda x: np.array(x, copy=True), state))
+      return state, metrics
+    return step
+
+  run.train_steps = {kind: recording(kind) for kind in compiled}
+  try:
+    train.train(run, state)
+  finally:
+    run.close()
+  for name in ("params", "batch_stats", "opt_state"):
+    jax.tree.map(np.testing.assert_array_equal, getattr(states[4], name),
+                 getattr(states[5], name))
+  assert int(states[5].step) == 6
+  assert not np.array_equal(states[5].params["head"]["kernel"],
+                            states[6].params["head"]["kernel"])
+
+
+def test_max_nonfinite_steps_in_a_row_stop_the_run_with_one_line(tmp_path):
+  # A learning rate this large sends the parameters to inf at once; from then
+  # on no update can be applied.
+  with pytest.raises(TrainingError, match=r"not finite on 3 batches in a row \(batches \d+ "
+                     r"to \d+, the last a (base|motivated) step; .*no checkpoint had been "
+                     r"written yet; lower config.learning_rate \(config.max_nonfinite_steps=3 "
+                     r"stops a run here\)") as e:
+    train.train_and_evaluate(small_config(learning_rate=1e30, max_nonfinite_steps=3),
+                             str(tmp_path))
   assert "\n" not in str(e.value)
 
 
-def test_a_nan_loss_after_a_checkpoint_names_it_and_keeps_it(finished_run, tmp_path,
-                                                             monkeypatch):
+def test_non_finite_batches_after_a_checkpoint_stop_the_run_and_keep_it(finished_run, tmp_path,
+                                                                         monkeypatch):
   workdir = copy_of(finished_run, tmp_path)
-  push = train.PendingMetrics.push
-
-  def nan_from_batch_25(self, t, kind, metrics):
-    if t >= 25:
-      metrics = {**metrics, "loss": jax.numpy.array(float("nan"))}
-    return push(self, t, kind, metrics)
-
-  # The second epoch (a safe change on resume) diverges at batch 25. (A larger
-  # learning rate would do it for real, but resuming with one is refused.)
-  monkeypatch.setattr(train.PendingMetrics, "push", nan_from_batch_25)
-  with pytest.raises(TrainingError, match=r"loss is nan at batch 25 .*the checkpoint of "
-                     r"batch 22 in .* is intact"):
+  ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"))
+  saved = ckpt.manager.restore(22, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  ckpt.close()
+  # The second epoch (a safe change on resume) goes bad at batch 25 for good.
+  poison_labels(monkeypatch, _From(25))
+  with pytest.raises(TrainingError, match=r"on 10 batches in a row \(batches 25 to 34, .*the "
+                     r"checkpoint of batch 22 in .* is intact"):
     train.train_and_evaluate(small_config(num_epochs=2), str(workdir))
   ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"))
   assert ckpt.latest_step() == 22
+  jax.tree.map(np.testing.assert_array_equal, saved["state"], _restore(workdir))
   ckpt.close()
+
+
+def test_divergence_with_a_finite_training_loss_ends_the_run_with_one_line(tmp_path, capsys):
+  """A learning rate of 100 (the issue's case): the training loss stays finite,
+  the test accuracy at chance. Not a success: one line, and the summary says so."""
+  config = small_config(num_epochs=1, learning_rate=100.0, optimizer="sgd")
+  with pytest.raises(TrainingError, match=r"the run ended, but the base model is worse than "
+                     r"guessing \(test loss \S+ > 10 ln 10, test accuracy 0\.\d+, chance "
+                     r"0\.1000\): training diverged; its summary and last checkpoint are in "):
+    train.train_and_evaluate(config, str(tmp_path))
+  summary = json.load(open(tmp_path / "summary.json"))
+  assert summary["diverged"] == ["base"]  # the motivated model never trained
+  assert summary["base/test_accuracy"] < 0.2
+  assert "warning: at epoch 1 the base model is worse than guessing" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("overrides, error, message", [
@@ -301,3 +386,24 @@ def test_resume_continues_with_more_epochs_and_says_so(finished_run, tmp_path, c
   err = capsys.readouterr().err
   assert ("resuming with changed dtype, log_every_steps, num_epochs (safe to continue with)"
           in err)
+
+
+def test_a_state_that_overflowed_is_never_checkpointed(tmp_path):
+  """An update whose gradient was finite can still send a parameter to inf (the
+  steps check what they see before updating): the checkpoint is refused rather
+  than written over the good ones."""
+  run, state = train.setup(small_config(), str(tmp_path))
+  try:
+    kernel = state.params["head"]["kernel"]
+    bad = state.replace(params={**state.params, "head": {
+        **state.params["head"], "kernel": kernel.at[0, 0].set(float("inf"))}})
+    pending = train.PendingMetrics(run.controller, run.ckpt)
+    with pytest.raises(TrainingError, match=r"^the parameters or optimizer state are not "
+                       r"finite at batch 22 \(an update overflowed\), so they were not "
+                       r"checkpointed; no checkpoint had been written yet; lower "
+                       r"config.learning_rate$"):
+      train.save(run, bad, pending, 22)
+    train.save(run, state, pending, 22)  # the same state, finite: saved
+    assert run.ckpt.committed_step() == 22
+  finally:
+    run.close()
