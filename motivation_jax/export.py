@@ -46,7 +46,7 @@ def export_run(workdir: str, subnet: str, out: str, *, step: int | None = None) 
     raise ConfigError(f"--subnet must be 'base' or 'motivated', got {subnet!r}")
   if not workdir:
     raise ConfigError("--workdir is empty; give the training run's --workdir")
-  if files.is_dir(out) and files.list_dir(out):
+  if out and files.is_dir(out) and files.list_dir(out):  # "" is writable_directory's to refuse
     raise ConfigError(f"--out={out} exists and is not empty; pick a new directory")
   # Before the checkpoint is read: a bad --out fails at once, not after the restore.
   files.writable_directory(out, "--out")
