@@ -18,6 +18,7 @@ def _script():
   return load_script("benchmarks/data_throughput.py")
 
 
+@pytest.mark.slow  # about 30 s from a cold compile cache; the recorded results are checked below
 def test_the_benchmark_measures_pipeline_and_steps_and_writes_its_tables(tmp_path):
   out = str(tmp_path / "results" / "throughput")
   rows = _script().main(["--configs", "cifar10_resnet", "--variant", "smoke",

@@ -20,7 +20,10 @@ FAMILY_CONFIGS = [c for c in CONFIGS if c != "default.py"]
 # EfficientNet's named architectures (16 to 23 blocks) take about a minute to
 # compile on a 2-core CPU; test_steps.py, test_step_costs.py and
 # test_efficientnet.py test that family's code on a small model in the default run.
-SLOW_SMOKE = ("imagenet_resnet.py", "imagenet_vit.py", "cifar100_efficientnet.py")
+# CIFAR-10's ResNet-20 in ResNet-56 (about a minute from a cold compile cache) too:
+# test_resnet.py and test_steps.py take that family's code on small models.
+SLOW_SMOKE = ("imagenet_resnet.py", "imagenet_vit.py", "cifar100_efficientnet.py",
+              "cifar10_resnet.py")
 SMOKE_CONFIGS = [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_SMOKE else c
                  for c in FAMILY_CONFIGS]
 # The data sets' image shapes and classes, for building the full-size models abstractly.

@@ -160,6 +160,7 @@ def _run_main(workdir, *overrides):
       cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # a whole run; the workers' batches are checked in process above
 def test_a_plain_python_m_start_with_workers_runs_to_the_end(tmp_path):
   """Workers re-import ``motivation_jax.main`` as ``__mp_main__`` (spawn): no
   second ``main()``, no second ``jax.distributed``, flags readable."""

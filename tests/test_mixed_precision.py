@@ -11,6 +11,10 @@ from motivation_jax.models import load_exported
 
 from conftest import load_default_config
 
+# Two runs of digits, shared by both tests: the full run only (test_steps.py
+# checks the bfloat16 steps themselves in the fast loop).
+pytestmark = pytest.mark.slow
+
 EPOCHS = 5  # 110 batches: both sub-networks reach 97-99% test accuracy in float32
 
 

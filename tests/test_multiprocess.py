@@ -205,6 +205,9 @@ def train_results(tmp_path_factory):
   return [info for info, _ in results], workdir
 
 
+# The full run only (about 30 s): the fast loop starts two processes in
+# tests/test_launch.py's decision-check test.
+@pytest.mark.slow
 def test_training_on_two_processes_gives_both_the_same_summary(train_results):
   infos, workdir = train_results
   summaries = [info["summary"] for info in infos]
@@ -226,6 +229,7 @@ def test_training_on_two_processes_gives_both_the_same_summary(train_results):
   assert sum("base/test_accuracy" in m for m in metrics) == 1
 
 
+@pytest.mark.slow
 def test_training_on_two_processes_records_each_decision_once(train_results):
   _, workdir = train_results
   decisions = [json.loads(l) for l in open(workdir / "decisions.jsonl")]
