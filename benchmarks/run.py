@@ -475,8 +475,13 @@ def _standalone_step(module, optimizer) -> Callable:
                                                                  mutated.get("batch_stats", {}))
     (loss, (logits, stats)), grads = jax.value_and_grad(objective, has_aux=True)(
         variables["params"])
-    updates, opt_state = optimizer.update(grads, opt_state, variables["params"])
+    updates, new_opt_state = optimizer.update(grads, opt_state, variables["params"])
     params = optax.apply_updates(variables["params"], updates)
+    # The package's rule for a non-finite batch (steps.keep_if), as the nested
+    # steps apply it: like for like, so the ratios measure the nesting alone.
+    params, stats, opt_state = steps.keep_if(
+        steps.all_finite(loss, grads), (params, stats, new_opt_state),
+        (variables["params"], variables["batch_stats"], opt_state))
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     return {"params": params, "batch_stats": stats}, opt_state, {"loss": loss,
                                                                  "accuracy": accuracy}
