@@ -651,10 +651,12 @@ def save(run: Run, state: steps.TrainState, pending: PendingMetrics, step: int) 
                         "lower config.learning_rate")
   decisions = run.controller.drain_decisions()
   if run.chief:
-    files.append_lines(files.join(run.workdir, "decisions.jsonl"), (
-        json.dumps({**d.to_dict(), "loss": loss,
-                    **({"nonfinite": True} if loss is None else {})}) + "\n"
-        for d in decisions for loss in [pending.losses.pop(d.step)]))
+    lines = []
+    for d in decisions:
+      loss = pending.losses.pop(d.step)
+      lines.append(json.dumps({**d.to_dict(), "loss": loss,
+                               **({"nonfinite": True} if loss is None else {})}) + "\n")
+    files.append_lines(files.join(run.workdir, "decisions.jsonl"), lines)
   run.writer.flush()
   run.ckpt.save(step, state=state, controller_state=run.controller.state_dict(),
                 data_position=run.train_data.position(step),
