@@ -106,7 +106,7 @@ class DecisionCheck:
   def next_kind(self, t: int) -> str:
     """The controller's decision for batch ``t`` (before its step is dispatched)."""
     kind = self._controller.next_kind()
-    if self._flip == (jax.process_index(), t):
+    if self._flip is not None and self._flip == (jax.process_index(), t):
       kind = "motivated" if kind == "base" else "base"
     if not self._active:
       return kind
