@@ -424,10 +424,11 @@ def measure_loop(run: train.Run, state0, mode: Mode) -> dict[str, Any]:
 
 # --- 2: step cost against the standalone models -------------------------------------------
 
-def standalone_train_step(module, optimizer) -> Callable:
+def standalone_train_step(module, optimizer, *, check: bool = True) -> Callable:
   """An ordinary Flax train step of a plain model, as a user who trained that
-  model alone would write it (independent of ``steps.py``): the reference."""
-  return jax.jit(_standalone_step(module, optimizer), donate_argnums=(0, 1))
+  model alone would write it (independent of ``steps.py``): the reference.
+  ``check=False``: without the package's non-finite rule, to price that rule."""
+  return jax.jit(_standalone_step(module, optimizer, check), donate_argnums=(0, 1))
 
 
 def carrying_train_step(module, optimizer) -> Callable:
@@ -466,7 +467,7 @@ def kernels(compiled) -> int:
              for op in ops)
 
 
-def _standalone_step(module, optimizer) -> Callable:
+def _standalone_step(module, optimizer, check: bool = True) -> Callable:
   def step(variables, opt_state, batch):
     def objective(params):
       logits, mutated = module.apply({"params": params, "batch_stats": variables["batch_stats"]},
@@ -477,11 +478,14 @@ def _standalone_step(module, optimizer) -> Callable:
         variables["params"])
     updates, new_opt_state = optimizer.update(grads, opt_state, variables["params"])
     params = optax.apply_updates(variables["params"], updates)
-    # The package's rule for a non-finite batch (steps.keep_if), as the nested
-    # steps apply it: like for like, so the ratios measure the nesting alone.
-    params, stats, opt_state = steps.keep_if(
-        steps.all_finite(loss, grads), (params, stats, new_opt_state),
-        (variables["params"], variables["batch_stats"], opt_state))
+    if check:
+      # The package's rule for a non-finite batch, as the motivated step applies
+      # it: like for like, so the ratios measure the nesting alone.
+      params, stats, opt_state = steps.keep_finite_update(
+          steps.all_finite(loss, grads), (params, stats, new_opt_state),
+          (variables["params"], variables["batch_stats"], opt_state))
+    else:
+      opt_state = new_opt_state
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     return {"params": params, "batch_stats": stats}, opt_state, {"loss": loss,
                                                                  "accuracy": accuracy}
@@ -532,6 +536,20 @@ def measure_steps(run: train.Run, state0, mode: Mode) -> dict[str, Any]:
         holder[kind] = jax.block_until_ready((variables, opt_state))
       return go
     runners[f"standalone {kind}"] = standalone_runner()
+    # The same without the non-finite rule: what the rule itself costs.
+    unchecked = standalone_train_step(model.standalone(kind), optimizer, check=False).lower(
+        variables, opt_state, batch).compile()
+    ops[f"unchecked {kind}"] = kernels(unchecked)
+    holder[f"unchecked {kind}"] = jax.tree.map(jnp.copy, (variables, opt_state))
+
+    def unchecked_runner(kind=kind, compiled=unchecked):
+      def go(k):
+        variables, opt_state = holder[f"unchecked {kind}"]
+        for _ in range(k):
+          variables, opt_state, metrics = compiled(variables, opt_state, batch)
+        holder[f"unchecked {kind}"] = jax.block_until_ready((variables, opt_state))
+      return go
+    runners[f"unchecked {kind}"] = unchecked_runner()
 
   # The base step's cost beyond the standalone one, in two parts: carrying the
   # state it leaves alone through the call, and writing the base region back.
@@ -603,7 +621,13 @@ def measure_steps(run: train.Run, state0, mode: Mode) -> dict[str, Any]:
                  "nested_flops": flops[f"nested {kind}"],
                  "standalone_flops": flops[f"standalone {kind}"],
                  "nested_kernels": ops[f"nested {kind}"],
-                 "standalone_kernels": ops[f"standalone {kind}"]}
+                 "standalone_kernels": ops[f"standalone {kind}"],
+                 # The non-finite rule's own price: the standalone step with it
+                 # against the same step without it.
+                 "finite_check": {
+                     "ratio": median(a / u for a, u in zip(alone, times[f"unchecked {kind}"])),
+                     "unchecked_us": median(times[f"unchecked {kind}"]) * 1e6,
+                     "unchecked_kernels": ops[f"unchecked {kind}"]}}
   nested, alone, carrying = (times[k] for k in ("nested base", "standalone base",
                                                 "carrying base"))
   out["base"]["carrying"] = {
@@ -841,6 +865,16 @@ def markdown(results: dict[str, Any]) -> str:
                    f"{k['ratio']:.3f} | {k['nested_flops'] / 1e9:.4f} | "
                    f"{k['standalone_flops'] / 1e9:.4f} | {k['nested_kernels']} | "
                    f"{k['standalone_kernels']} |")
+    if "finite_check" in s["base"]:
+      f = {kind: s[kind]["finite_check"] for kind in ("base", "motivated")}
+      lines += ["", "The package's non-finite rule (`steps.all_finite`, "
+                    "`steps.keep_finite_update`), priced on the standalone steps: with it "
+                    f"they cost {f['base']['ratio']:.3f} (base) and "
+                    f"{f['motivated']['ratio']:.3f} (motivated) of the same steps without "
+                    f"it ({f['base']['unchecked_us']:,.0f} and "
+                    f"{f['motivated']['unchecked_us']:,.0f} µs, "
+                    f"{f['base']['unchecked_kernels']} and "
+                    f"{f['motivated']['unchecked_kernels']} kernels)."]
     c = s["base"].get("carrying")
     if c:
       lines += ["", f"The base step against the standalone base step that also takes and "

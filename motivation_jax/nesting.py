@@ -301,8 +301,15 @@ def write_after(tree: PyTree, regions: PyTree, shardings: PyTree = None) -> jax.
   """
   leaves = jax.tree.leaves(regions)
   layouts = [None] * len(leaves) if shardings is None else jax.tree.leaves(shardings)
-  firsts = [x[(0,) * x.ndim] for r, x, s in zip(leaves, jax.tree.leaves(tree), layouts)
-            if r.in_base and not r.whole and _split_dim(s, r) is None]
+  return zero_after([x for r, x, s in zip(leaves, jax.tree.leaves(tree), layouts)
+                     if r.in_base and not r.whole and _split_dim(s, r) is None])
+
+
+def zero_after(arrays: list[jax.Array]) -> jax.Array | int:
+  """An int32 zero computed from the first element of each of ``arrays``
+  (``min(isnan(x), 0)``), which XLA cannot tell is zero: what it indexes or
+  selects with waits until all of ``arrays`` are computed (``write_after``)."""
+  firsts = [x[(0,) * x.ndim] for x in arrays if x.size]
   if not firsts:
     return 0
   nan = functools.reduce(jnp.logical_or, [jnp.isnan(x) for x in firsts])

@@ -222,8 +222,12 @@ def _update(model, optimizer, loss_fn, subnet, params, batch_stats, opt_state, b
   updates, new_opt_state = optimizer.update(grads, opt_state, params)
   new_params = optax.apply_updates(params, updates)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-  return (*keep_if(finite, (new_params, new_stats, new_opt_state),
-                   (params, batch_stats, opt_state)),
+  # The motivated step updates whole arrays in place: order its selects. The
+  # base step's are on views, and nesting.write_after orders their merges.
+  select = keep_finite_update if subnet == "motivated" else (
+      lambda finite, new, old: keep_if(finite, new, old))
+  return (*select(finite, (new_params, new_stats, new_opt_state),
+                  (params, batch_stats, opt_state)),
           {"loss": loss, "accuracy": accuracy, "nonfinite": ~finite})
 
 
@@ -243,6 +247,25 @@ def keep_if(finite: jax.Array, new: PyTree, old: PyTree) -> PyTree:
   the host.
   """
   return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
+def keep_finite_update(finite: jax.Array, new: tuple[PyTree, PyTree, PyTree],
+                       old: tuple[PyTree, PyTree, PyTree]) -> tuple[PyTree, PyTree, PyTree]:
+  """``keep_if`` for an optimizer step's ``(params, batch_stats, opt_state)``,
+  with the optimizer state's selects ordered after the parameters'.
+
+  The parameter update reads the old optimizer state (Adam's moments, its
+  count) while the selects write the new one over it in place, and no data
+  dependency orders the two, so XLA's copy insertion first copies every
+  optimizer leaf (CPU backend: 10 copies in a standalone two-layer MLP's AdamW
+  step against 3 without the check, 14 in the nested motivated step). Making
+  the state's selects depend on the selected parameters (a zero XLA cannot
+  prove is one, ``nesting.zero_after``) orders them after every read.
+  """
+  (new_params, new_stats, new_opt), (params, stats, opt_state) = new, old
+  params = keep_if(finite, new_params, params)
+  late = finite & (nesting.zero_after(jax.tree.leaves(params)) == 0)
+  return params, keep_if(finite, new_stats, stats), keep_if(late, new_opt, opt_state)
 
 
 def motivated_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_fn,

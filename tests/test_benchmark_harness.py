@@ -29,8 +29,12 @@ def test_the_harness_counts_one_compile_per_kind_and_writes_its_files(tmp_path):
   assert compiles["compiles_per_kind"] == {"base": 1, "motivated": 1}  # ... compiles once
   assert tiny["setup_compiles_per_kind"] == {"base": 1, "motivated": 1}
   assert tiny["loop"]["compiles_per_kind"] == {"base": 1, "motivated": 1}
+  for kind in ("base", "motivated"):  # the non-finite rule is priced for both kinds
+    check = tiny["step_cost"][kind]["finite_check"]
+    assert check["unchecked_kernels"] < tiny["step_cost"][kind]["standalone_kernels"]
   recorded = json.load(open(out + ".json"))
   assert recorded["models"]["tiny"]["compiles"] == compiles
   assert recorded["machine"]["jax"] and recorded["machine"]["devices"]
   markdown = open(out + ".md").read()
   assert recorded["machine"]["cpu"] in markdown and "| compiles per step kind" in markdown
+  assert "non-finite rule" in markdown

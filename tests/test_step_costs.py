@@ -61,3 +61,20 @@ def test_the_base_step_writes_its_region_back_in_place_without_copying_the_momen
       lambda v, o, b: reference_step(model.standalone("base"), optimizer, v, o, b),
       donate_argnums=(0, 1)).lower(variables, optimizer.init(variables["params"]), batch).compile()
   assert _copies(base) <= _copies(standalone), (_copies(base), _copies(standalone))
+
+
+def test_the_motivated_step_applies_its_finite_update_in_place_without_copying_the_moments():
+  """The optimizer state's selects wait for the parameter update that reads the
+  old state (``steps.keep_finite_update``); unordered, XLA copies every moment
+  and the count first (measured here: 17 copies unordered against the
+  standalone step's 4)."""
+  model, optimizer, batch = MODELS["mlp"](), optax.adamw(1e-2, weight_decay=0.1), make_batch()
+  state = steps.create_train_state(model, optimizer, jax.random.key(0), batch["image"])
+  wmap = nesting.weights_map(model, batch["image"], subnet="motivated")
+  motivated = steps.make_train_steps(model, optimizer, wmap=wmap)["motivated"].lower(
+      state, batch).compile()
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  standalone = jax.jit(
+      lambda v, o, b: reference_step(model.standalone("motivated"), optimizer, v, o, b),
+      donate_argnums=(0, 1)).lower(variables, state.opt_state, batch).compile()
+  assert _copies(motivated) <= _copies(standalone), (_copies(motivated), _copies(standalone))
