@@ -76,6 +76,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
     # ml_collections raises the latter for a key that does not exist, a value of
     # the wrong type, an override of a config file that failed to load.
+    if "get_config() takes 0 positional arguments" in str(e):  # --config=FILE:VARIANT
+      given = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+      path, _, variant = (given[-1] if given else ":").rpartition(":")
+      fail(f"bad command line: {path} has no variants (its get_config() takes no "
+           f"argument); drop ':{variant}' from --config", e)
     fail(f"bad command line: {one_line(e)}", e)
   except Exception as e:  # pylint: disable=broad-except
     # Anything else comes from running the config file itself, which absl's

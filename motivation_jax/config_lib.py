@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 
 import ml_collections
+
+from motivation_jax.errors import ConfigError
 
 
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -14,7 +17,12 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
       os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg) if arg is not None else module.get_config()
+  if arg is None:
+    return module.get_config()
+  if not inspect.signature(module.get_config).parameters:
+    raise ConfigError(f"{path} has no variants (its get_config() takes no argument); "
+                      f"drop ':{arg}'")
+  return module.get_config(arg)
 
 
 def default_config(config_file: str) -> ml_collections.ConfigDict:

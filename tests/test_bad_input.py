@@ -55,6 +55,10 @@ CASES = [
     ("a value with an apostrophe", [*MAIN, DEFAULT, "--workdir={tmp}/w",
                                     "--config.model.name=it's"],
      r"error: config.model: unknown model \"it's\"; known: cnn, efficientnet, mlp, resnet, vit"),
+    ("a variant of a config that has none",
+     [*MAIN, "--config=configs/default.py:smoke", "--workdir={tmp}/w"],
+     r"error: bad command line: configs/default.py has no variants \(its get_config\(\) "
+     r"takes no argument\); drop ':smoke' from --config"),
     ("missing config file with an override",
      [*MAIN, "--config=configs/missing.py", "--config.seed=1", "--workdir={tmp}/w"],
      r"error: bad command line: .*No such file or directory: 'configs/missing.py'"),
