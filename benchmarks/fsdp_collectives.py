@@ -121,6 +121,8 @@ def _step_programs(config, mesh_shape: tuple[int, int], batch_size: int):
                                  batch_sharding=batch_sharding)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          abstract, layout)
+    # The steps take the state in the order its layout stores (docs/sharding.md).
+    state = state.replace(order=steps.stored_order(layout, wmap))
     texts[label] = fns[kind].lower(state, batch).compile().as_text()
     params[label] = wmap.num_params("base" if kind == "base" else "motivated")
   return texts, params

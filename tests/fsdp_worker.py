@@ -88,12 +88,19 @@ def equivalence(out_path: str, model_names: str, fsdps: str, policy: str = "swit
       created_as = jax.tree.map(lambda x, s: x.sharding == s, state, layout)
       fns = steps.make_train_steps(model, optimizer, wmap=wmap, state_sharding=layout,
                                    batch_sharding=batch_sharding, policy=policy)
+      # The steps read and write the storage order; the comparisons are in logical order.
+      order = steps.make_order_converters(optimizer, wmap=wmap, state_sharding=layout)
+      logical_params = jax.device_get(state.params)
+      state = order["storage"](state)
+      permuted = [not np.array_equal(x, y) for x, y in zip(
+          jax.tree.leaves(logical_params), jax.tree.leaves(jax.device_get(state.params)))]
       losses = []
       for kind, batch in zip(kinds, batches):
         state, metrics = fns[kind](state, jax.device_put(batch, batch_sharding))
         losses.append(float(metrics["loss"]))
-      kept = jax.tree.map(lambda x, s: x.sharding == s, state, layout)
-      got = jax.device_get(state)
+      kept = [x.sharding == s for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(layout))]
+      stored_order = state.order
+      got = jax.device_get(order["logical"](state))
       diff = lambda a, b: max([float(np.max(np.abs(np.asarray(x) - np.asarray(y)), initial=0))
                                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))],
                               default=0.0)
@@ -105,7 +112,11 @@ def equivalence(out_path: str, model_names: str, fsdps: str, policy: str = "swit
           "step": int(got.step),
           "losses": losses, "expected_losses": expected_losses,
           "created_in_layout": all(jax.tree.leaves(created_as)),
-          "kept_layout": all(jax.tree.leaves(kept)),
+          "kept_layout": all(kept),
+          "order": stored_order,
+          "permuted_leaves": int(sum(permuted)),
+          "interleaved": {jax.tree_util.keystr(path): r.interleaved(s) for (path, s), r in
+                          zip(flat, jax.tree.leaves(wmap.params))},
           "params": {jax.tree_util.keystr(path): {
               "shape": list(x.shape), "spec": _spec(s)}
               for (path, s), x in zip(flat, jax.tree.leaves(abstract.params))},

@@ -153,7 +153,7 @@ def test_the_base_step_moves_little_more_than_the_standalone_base_step():
     fn = steps.make_train_steps(module, optimizer, wmap=wmap, state_sharding=layout,
                                 batch_sharding=batch_sharding)[kind]
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         abstract, layout)
+                         abstract, layout).replace(order=steps.stored_order(layout, wmap))
     return collectives(fn.lower(state, batch).compile().as_text(), 4), wmap
 
   nested, wmap = moved(model, "base")
