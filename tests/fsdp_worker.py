@@ -23,11 +23,12 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 
 def _models():
   from motivation_jax.models import NestedMLP, NestedResNet, NestedViT
-  # Widths with every kind of slice: whole blocks of the split dim, a base
-  # extent the devices do not divide, a split dim the base does not slice,
-  # leaves outside the base (extra blocks).
+  # Widths with every kind of slice: split leaves stored interleaved (a base
+  # extent the devices divide), a base extent they do not divide (logical
+  # order, XLA's slices), a split dim the base does not slice, leaves outside
+  # the base (extra blocks).
   return {
-      "mlp": lambda: NestedMLP(base_widths=(16, 24), motivated_widths=(32, 48, 40),
+      "mlp": lambda: NestedMLP(base_widths=(12, 24), motivated_widths=(32, 48, 40),
                                num_classes=10),
       "cnn": lambda: NestedResNet(base_widths=(4, 8), base_depths=(1, 1),
                                   motivated_widths=(8, 16), motivated_depths=(2, 2),
