@@ -18,6 +18,12 @@ Three operations use the map:
 - ``export(variables, subnet, weights_map)``: variables for the standalone
   module of that sub-network (``model.standalone(subnet)``).
 
+Under FSDP the train steps keep each split leaf whose base the devices
+divide in a per-device interleaved *storage order* (``Region.interleaved``,
+``to_storage``, ``to_logical``; docs/sharding.md): every device's shard starts
+with its share of the base's rows, so ``base_view`` and ``merge_base``, given
+the leaves' shardings, read and write them locally, without moving anything.
+
 ``init_variables`` creates the one tree, optionally with the base's extensions
 starting at zero (``zero_extensions``). This module knows nothing about data or
 the training loop; ``opt_state_regions`` extends a params map to any optax
@@ -251,8 +257,9 @@ def base_view(tree: PyTree, regions: PyTree, shardings: PyTree = None) -> PyTree
   """The base's slice of every leaf of ``tree`` (same structure as ``regions``).
 
   ``shardings`` (``tree``'s ``NamedSharding``s, inside a jitted step whose
-  state is sharded) makes the slices of split leaves move only the base's
-  part (docs/sharding.md)."""
+  state is sharded): ``tree`` is in the storage order of that layout, and the
+  slices of its interleaved leaves are local; those of other split leaves
+  move only the base's part (docs/sharding.md)."""
   if shardings is None:
     return jax.tree.map(lambda r, x: r.view(x), regions, tree)
   return jax.tree.map(lambda r, x, s: r.view(x, s), regions, tree, shardings)

@@ -23,6 +23,12 @@ one batch count; the optimizer's own count, and with it the learning-rate
 schedule, stays (it counts updates applied). The check is a select inside the
 compiled step (``keep_if``): no host sync.
 
+Under FSDP (a ``state_sharding`` that splits leaves) the steps read and write
+the state in a storage order (``TrainState.order``; ``make_order_converters``
+converts; docs/sharding.md): the base's rows of a split leaf come first in
+every device's shard, so the base step's views and write-backs move nothing,
+and it moves what an FSDP step of the standalone base moves.
+
 Its compiled cost is the standalone base model's; the motivated step's is the
 standalone motivated model's (tests/test_step_costs.py checks both against XLA's
 cost analysis).

@@ -646,7 +646,7 @@ _state_is_finite = jax.jit(steps.all_finite)
 
 
 def _check_logical(state: steps.TrainState, reader: str) -> None:
-  if state.order != "logical":
+  if getattr(state, "order", "logical") != "logical":
     raise ValueError(f"{reader} reads a state in logical order, got one in {state.order} "
                      "order; convert it with Run.order['logical'] "
                      "(steps.make_order_converters)")
