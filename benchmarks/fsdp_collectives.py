@@ -2,9 +2,12 @@ r"""Bytes each compiled train step moves between devices under FSDP, read from X
 
 For each config and mesh: the nested base step, the nested motivated step and an
 FSDP step of the standalone base model (the same fsdp rule applied to its own
-shapes), compiled with explicit shardings as ``train.setup`` compiles them; the
-collectives of each compiled program (``.lower(...).compile().as_text()``),
-counted per kind. docs/sharding.md quotes the table.
+shapes), compiled with explicit shardings as ``train.setup`` compiles them, and
+the two conversions between the logical and the storage order
+(``steps.make_order_converters``: once as training starts, once per checkpoint
+and evaluation); the collectives of each compiled program
+(``.lower(...).compile().as_text()``), counted per kind. docs/sharding.md
+quotes the table.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
     python benchmarks/fsdp_collectives.py --out benchmarks/results/fsdp_collectives_cpu
@@ -121,8 +124,18 @@ def _step_programs(config, mesh_shape: tuple[int, int], batch_size: int):
                                  batch_sharding=batch_sharding)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          abstract, layout)
+    # The steps take the state in the order its layout stores (docs/sharding.md).
+    state = state.replace(order=steps.stored_order(layout, wmap))
     texts[label] = fns[kind].lower(state, batch).compile().as_text()
     params[label] = wmap.num_params("base" if kind == "base" else "motivated")
+    if label == "nested motivated" and state.order == "storage":
+      # The conversions between the orders: once into storage order as training
+      # starts, once back for each checkpoint and evaluation (docs/sharding.md).
+      order = steps.make_order_converters(optimizer, wmap=wmap, state_sharding=layout)
+      for name, stored in (("to storage order", state.replace(order="logical")),
+                           ("to logical order", state)):
+        texts[name] = order[name.split()[1]].jitted.lower(stored).compile().as_text()
+        params[name] = params[label]
   return texts, params
 
 

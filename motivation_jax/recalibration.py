@@ -59,7 +59,8 @@ def make_recalibrate(model, wmap: nesting.WeightsMap, *,
                      ) -> Callable[[Any, Iterable], dict[str, PyTree] | None]:
   """``recalibrate(state, batches) -> {"base": stats, "motivated": stats}``.
 
-  ``batches`` are device batches (the calibration batches); uint8 images are
+  ``state`` in logical order (``steps.ORDERS``; a state in storage order is
+  refused). ``batches`` are device batches (the calibration batches); uint8 images are
   normalised with ``normalisation`` on the device, float images are taken as
   normalised (``steps.normalise_images``). Each returned tree
   has the layout of ``state.subnet_stats(subnet)`` (motivated size): the
@@ -92,6 +93,9 @@ def make_recalibrate(model, wmap: nesting.WeightsMap, *,
   finish = jax.jit(finish, static_argnums=2)
 
   def recalibrate(state, batches: Iterable) -> dict[str, PyTree] | None:
+    if getattr(state, "order", "logical") != "logical":
+      raise ValueError(f"recalibration reads a state in logical order, got one in "
+                       f"{state.order} order; convert it with steps.make_order_converters")
     if not jax.tree.leaves(state.batch_stats):
       return None
     sums, count = None, 0

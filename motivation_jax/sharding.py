@@ -146,6 +146,9 @@ def train_state_sharding(abstract_state: Any, mesh: Mesh, *, min_bytes: float) -
   are scalars and stay replicated. The batch-norm statistics stay replicated:
   they are per-channel vectors (8 KiB for 2,048 channels), far below any
   useful ``min_bytes``, and every forward reads them.
+
+  The train steps hold the split leaves in a storage order within this
+  layout (``steps.make_order_converters``, docs/sharding.md).
   """
   repl = replicated(mesh)
   return abstract_state.replace(

@@ -23,6 +23,12 @@ one batch count; the optimizer's own count, and with it the learning-rate
 schedule, stays (it counts updates applied). The check is a select inside the
 compiled step (``keep_if``): no host sync.
 
+Under FSDP (a ``state_sharding`` that splits leaves) the steps read and write
+the state in a storage order (``TrainState.order``; ``make_order_converters``
+converts; docs/sharding.md): the base's rows of a split leaf come first in
+every device's shard, so the base step's views and write-backs move nothing,
+and it moves what an FSDP step of the standalone base moves.
+
 Its compiled cost is the standalone base model's; the motivated step's is the
 standalone motivated model's (tests/test_step_costs.py checks both against XLA's
 cost analysis).
@@ -58,6 +64,11 @@ Batch = Mapping[str, jax.Array]
 # "per_subnet" is the default.
 BATCH_NORM_STATS = ("shared", "per_subnet")
 OPTIMIZERS = ("sgd", "adamw")
+# TrainState.order: "logical", every leaf in the models' own order (what
+# checkpoints, export, evaluation and recalibration read); "storage", the split
+# leaves in the per-device interleaved order the train steps of an FSDP run
+# read and write (docs/sharding.md, "Storage order"; make_order_converters).
+ORDERS = ("logical", "storage")
 # Per-channel (mean, std) of uint8 images on the 0..255 scale (data.Dataset's).
 Normalisation = tuple[Sequence[float], Sequence[float]]
 
@@ -78,6 +89,9 @@ class TrainState:
   batch_stats: PyTree      # batch-norm statistics ({} for models without them)
   opt_state: PyTree
   batch_norm_stats: str = flax.struct.field(pytree_node=False, default="per_subnet")
+  # ORDERS: static, so a state in one order cannot be passed where the other
+  # is expected (the compiled steps' shardings name it) without an error.
+  order: str = flax.struct.field(pytree_node=False, default="logical")
 
   def subnet_stats(self, subnet: str) -> PyTree:
     """The batch-norm statistics ``subnet`` evaluates with (full size)."""
@@ -195,7 +209,7 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def _update(model, optimizer, loss_fn, subnet, params, batch_stats, opt_state, batch,
-            compute_sharding=None):
+            compute_sharding=None, to_logical=None, params_layout=None):
   """One ordinary optimizer step of ``subnet`` on the given (view or full) arrays.
 
   ``compute_sharding`` (replicated, when the state is split over devices): the
@@ -203,10 +217,21 @@ def _update(model, optimizer, loss_fn, subnet, params, batch_stats, opt_state, b
   each one where it is used and reduces its gradient back to the shards, and
   the compute stays data parallel. Without it XLA follows the parameters'
   layout into the activations and reshards those (measured: over 5x the
-  bytes for ViT-S; docs/sharding.md)."""
+  bytes for ViT-S; docs/sharding.md).
+
+  ``to_logical`` (the motivated step of a state in storage order): applied to
+  the gathered parameters, where it is local; its transpose puts the gradient
+  back in storage order before it is reduced to the shards. The optimizer
+  then updates the leaves in storage order (docs/sharding.md says which
+  optimizers that is right for).
+
+  ``params_layout``: the parameters' shardings, if any (``keep_finite_update``
+  reads no split leaf)."""
   def objective(p):
     if compute_sharding is not None:
       p = jax.lax.with_sharding_constraint(p, compute_sharding)
+    if to_logical is not None:
+      p = to_logical(p)
     variables = {"params": p, "batch_stats": batch_stats}
     logits, mutated = model.apply(variables, batch["image"], subnet=subnet, train=True,
                                   mutable=["batch_stats"])
@@ -224,8 +249,8 @@ def _update(model, optimizer, loss_fn, subnet, params, batch_stats, opt_state, b
   accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
   # The motivated step updates whole arrays in place: order its selects. The
   # base step's are on views, and nesting.write_after orders their merges.
-  select = keep_finite_update if subnet == "motivated" else (
-      lambda finite, new, old: keep_if(finite, new, old))
+  select = functools.partial(keep_finite_update, params_layout=params_layout) if (
+      subnet == "motivated") else (lambda finite, new, old: keep_if(finite, new, old))
   return (*select(finite, (new_params, new_stats, new_opt_state),
                   (params, batch_stats, opt_state)),
           {"loss": loss, "accuracy": accuracy, "nonfinite": ~finite})
@@ -250,7 +275,8 @@ def keep_if(finite: jax.Array, new: PyTree, old: PyTree) -> PyTree:
 
 
 def keep_finite_update(finite: jax.Array, new: tuple[PyTree, PyTree, PyTree],
-                       old: tuple[PyTree, PyTree, PyTree]) -> tuple[PyTree, PyTree, PyTree]:
+                       old: tuple[PyTree, PyTree, PyTree], *, params_layout: PyTree = None
+                       ) -> tuple[PyTree, PyTree, PyTree]:
   """``keep_if`` for an optimizer step's ``(params, batch_stats, opt_state)``,
   with the optimizer state's selects ordered after the parameters'.
 
@@ -260,19 +286,35 @@ def keep_finite_update(finite: jax.Array, new: tuple[PyTree, PyTree, PyTree],
   optimizer leaf (CPU backend: 10 copies in a standalone two-layer MLP's AdamW
   step against 3 without the check, 14 in the nested motivated step). Making
   the state's selects depend on the selected parameters (a zero XLA cannot
-  prove is one, ``nesting.zero_after``) orders them after every read.
+  prove is one, ``nesting.zero_after``) orders them after every read. A
+  parameter split over devices (``params_layout``) is not read: that would be
+  a collective (nor does XLA update a split leaf in place here anyway).
   """
   (new_params, new_stats, new_opt), (params, stats, opt_state) = new, old
   params = keep_if(finite, new_params, params)
-  late = finite & (nesting.zero_after(jax.tree.leaves(params)) == 0)
+  leaves = jax.tree.leaves(params)
+  layouts = [None] * len(leaves) if params_layout is None else jax.tree.leaves(params_layout)
+  whole = [x for x, s in zip(leaves, layouts)
+           if not any(a is not None for a in getattr(s, "spec", ()))]
+  late = finite & (nesting.zero_after(whole) == 0)
   return params, keep_if(finite, new_stats, stats), keep_if(late, new_opt, opt_state)
 
 
 def motivated_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_fn,
-                         compute_sharding=None) -> tuple[TrainState, dict[str, jax.Array]]:
+                         wmap: nesting.WeightsMap | None = None,
+                         state_sharding: TrainState | None = None
+                         ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One step of the motivated model on the whole state; ``state_sharding`` (and
+  ``wmap``, when it interleaves a leaf): as for ``base_train_step``."""
+  to_logical = None
+  if stored_order(state_sharding, wmap) == "storage":
+    _check_order(state, "storage")
+    to_logical = functools.partial(nesting.to_logical, regions=wmap.params,
+                                   shardings=state_sharding.params)
   params, batch_stats, opt_state, metrics = _update(
       model, optimizer, loss_fn, "motivated", state.params, state.subnet_stats("motivated"),
-      state.opt_state, batch, compute_sharding)
+      state.opt_state, batch, _compute_sharding(state_sharding), to_logical,
+      None if state_sharding is None else state_sharding.params)
   return state.replace(step=state.step + 1, params=params,
                        batch_stats=state.with_subnet_stats("motivated", batch_stats),
                        opt_state=opt_state), metrics
@@ -287,10 +329,14 @@ def base_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_f
   its update count) to a step that follows on the same batch.
 
   ``state_sharding`` (a ``TrainState`` of ``NamedSharding``s, when the state is
-  sharded) lets the views and merges of split leaves move only the base's
-  part (``nesting.base_view``; docs/sharding.md)."""
+  sharded): the views and merges of split leaves move nothing where the
+  state is in storage order, and only the base's part elsewhere
+  (``nesting.base_view``; docs/sharding.md). A layout that interleaves a leaf
+  takes a state in storage order (``make_order_converters``) and refuses
+  one in logical order."""
   params_layout = opt_layout = stats_layout = None
   if state_sharding is not None:
+    _check_order(state, stored_order(state_sharding, wmap))
     params_layout, opt_layout = state_sharding.params, state_sharding.opt_state
     stats_layout = state_sharding.subnet_stats("base")
   stats_regions, stats = wmap["batch_stats"], state.subnet_stats("base")
@@ -314,6 +360,23 @@ def base_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_f
       batch_stats=state.with_subnet_stats(
           "base", nesting.merge_base(stats, batch_stats, stats_regions, stats_layout)),
       opt_state=opt_state), metrics
+
+
+def stored_order(state_sharding: TrainState | None, wmap: nesting.WeightsMap | None) -> str:
+  """The order (``ORDERS``) of the state the train steps of this layout read and
+  write: "storage" where the layout interleaves a parameter (its optimizer
+  leaves follow it, ``check_layout``), else "logical". E.g. to lower a step
+  for an abstract state: ``abstract.replace(order=stored_order(layout, wmap))``."""
+  if state_sharding is None or wmap is None:
+    return "logical"
+  return "storage" if nesting.interleaves(wmap.params, state_sharding.params) else "logical"
+
+
+def _check_order(state: TrainState, expected: str) -> None:
+  if state.order != expected:
+    raise ValueError(f"this step reads the state in {expected} order, got one in "
+                     f"{state.order} order; convert it with steps.make_order_converters "
+                     "(docs/sharding.md, \"Storage order\")")
 
 
 def _compute_sharding(state_sharding: TrainState | None):
@@ -341,9 +404,8 @@ def both_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_f
   state, base_metrics = base_train_step(state, batch, wmap=wmap, opt_regions=opt_regions,
                                         advance_step=False, state_sharding=state_sharding,
                                         **deps)
-  state, metrics = motivated_train_step(state, batch,
-                                        compute_sharding=_compute_sharding(state_sharding),
-                                        **deps)
+  state, metrics = motivated_train_step(state, batch, wmap=wmap,
+                                        state_sharding=state_sharding, **deps)
   # Both halves or neither: a non-finite motivated half takes the base half back.
   nonfinite = base_metrics["nonfinite"] | metrics["nonfinite"]
   params, batch_stats, opt_state = keep_if(
@@ -394,11 +456,15 @@ def make_train_steps(model, optimizer: optax.GradientTransformation, *,
   # Per-leaf shardings (not one sharding for the whole state) reach the base
   # step, whose slices of split leaves need them.
   layout = state_sharding if isinstance(state_sharding, TrainState) else None
+  if layout is not None:
+    check_layout(optimizer, layout, wmap)
+    # A layout that interleaves a leaf is that of a state in storage order.
+    state_sharding = layout = layout.replace(order=stored_order(layout, wmap))
   base = functools.partial(base_train_step, wmap=wmap, opt_regions=opt_regions,
                            state_sharding=layout, **deps)
   if policy == "switch":
-    motivated = functools.partial(motivated_train_step,
-                                  compute_sharding=_compute_sharding(layout), **deps)
+    motivated = functools.partial(motivated_train_step, wmap=wmap, state_sharding=layout,
+                                  **deps)
   else:
     motivated = functools.partial(both_train_step, wmap=wmap, opt_regions=opt_regions,
                                   state_sharding=layout, **deps)
@@ -413,6 +479,75 @@ def make_train_steps(model, optimizer: optax.GradientTransformation, *,
   # Donating the state lets XLA write the new state into the old buffers; for a
   # base step merge_base then becomes an in-place write of the base region.
   return {kind: jax.jit(fn, donate_argnums=0, **shardings) for kind, fn in steps.items()}
+
+
+def check_layout(optimizer: optax.GradientTransformation, state_sharding: TrainState,
+                 wmap: nesting.WeightsMap) -> None:
+  """Refuses a layout in which a parameter-shaped optimizer leaf is split
+  differently from its parameter (e.g. moments of another dtype, which the
+  size threshold of ``sharding.fsdp_spec`` left replicated): in storage order
+  the two would be in different row orders."""
+  abstract = jax.tree.map(lambda r: jax.ShapeDtypeStruct(r.full_shape, np.float32),
+                          wmap.params)
+  opt_abstract = jax.eval_shape(optimizer.init, abstract)
+  spec = lambda s: tuple(getattr(s, "spec", ()))
+  # The parameter's sharding at each parameter-shaped entry; "-" elsewhere.
+  paired = optax.tree_map_params(
+      optimizer, lambda _, s: s, opt_abstract, state_sharding.params,
+      transform_non_params=lambda x: jax.tree.map(lambda _: "-", x))
+  for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(paired),
+                               jax.tree.leaves(state_sharding.opt_state)):
+    if want != "-" and spec(want) != spec(got):
+      raise ValueError(f"optimizer state {jax.tree_util.keystr(path)} is laid out as "
+                       f"{spec(got)}, its parameter as {spec(want)}; give parameter-shaped "
+                       "optimizer leaves their parameter's layout")
+
+
+def make_order_converters(optimizer: optax.GradientTransformation, *,
+                          wmap: nesting.WeightsMap, state_sharding: TrainState
+                          ) -> dict[str, Callable[[TrainState], TrainState]]:
+  """``{"storage": fn, "logical": fn}``: ``fn(state)`` is ``state`` in that
+  order (``ORDERS``; docs/sharding.md, "Storage order"), with the same layout.
+
+  The train steps ``make_train_steps`` builds for ``state_sharding`` take and
+  give a state in storage order when that layout interleaves a leaf; every
+  reader of parameters (checkpoints, evaluation, recalibration, export) takes
+  logical order. A state already in the asked order is returned as it is, so
+  where the layout interleaves nothing (one device, fsdp=1, every leaf
+  replicated) both are the identity and nothing runs. ``"storage"`` donates
+  its input (the state it replaces); ``"logical"`` keeps it (a checkpoint or
+  an evaluation reads a copy while training goes on).
+  """
+  opt_regions = nesting.opt_state_regions(optimizer, wmap.params)
+  check_layout(optimizer, state_sharding, wmap)
+  stored = stored_order(state_sharding, wmap)
+  layouts = {order: state_sharding.replace(order=order) for order in ORDERS}
+
+  def convert(state: TrainState, order: str) -> TrainState:
+    fn = nesting.to_storage if order == "storage" else nesting.to_logical
+    return state.replace(
+        params=fn(state.params, wmap.params, state_sharding.params),
+        opt_state=fn(state.opt_state, opt_regions, state_sharding.opt_state), order=order)
+
+  jitted = {"storage": jax.jit(functools.partial(convert, order="storage"), donate_argnums=0,
+                               in_shardings=(layouts["logical"],),
+                               out_shardings=layouts["storage"]),
+            "logical": jax.jit(functools.partial(convert, order="logical"),
+                               in_shardings=(layouts["storage"],),
+                               out_shardings=layouts["logical"])}
+
+  def converter(order: str):
+    def fn(state: TrainState) -> TrainState:
+      if state.order not in ORDERS:
+        raise ValueError(f"state.order must be one of {ORDERS}, got {state.order!r}")
+      if state.order == order or stored == "logical":
+        return state
+      return jitted[order](state)
+    fn.__name__ = f"to_{order}"
+    fn.jitted = jitted[order]  # its program (benchmarks/fsdp_collectives.py counts its bytes)
+    return fn
+
+  return {order: converter(order) for order in ORDERS}
 
 
 def eval_step(variables: Mapping[str, PyTree], batch: Batch, *, model, subnet: str,

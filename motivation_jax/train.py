@@ -146,6 +146,9 @@ class Run:
   workdir: str
   chief: bool                      # process 0 writes the files
   first_step: int                  # 0, or the batch a resumed run starts at
+  # "storage" | "logical" -> state -> the state in that order (steps.make_order_converters):
+  # train_steps read and write the storage order; everything else reads logical order.
+  order: dict[str, Callable[[steps.TrainState], steps.TrainState]]
   # The checkpoint's training metrics since its last log line ({"kind/name": [values]}).
   log_interval: dict = dataclasses.field(default_factory=dict)
 
@@ -225,10 +228,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, steps.T
     cut_jsonl(files.join(workdir, "decisions.jsonl"), keep_below=first_step)
     cut_jsonl(files.join(workdir, "metrics.jsonl"), keep_below=first_step + 1)
 
-  # Compile both step kinds up front, from the batches' declared shapes.
+  # Compile both step kinds up front, from the batches' declared shapes, for
+  # the state in the order its layout stores (docs/sharding.md, "Storage order").
   batch_spec = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
                 for name, (shape, dtype) in train_data.global_shapes().items()}
-  compiled = {kind: fn.lower(state, batch_spec).compile() for kind, fn in train_steps.items()}
+  stored = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        state).replace(order=steps.stored_order(state_sharding, wmap))
+  compiled = {kind: fn.lower(stored, batch_spec).compile() for kind, fn in train_steps.items()}
   put = functools.partial(sharding.global_batch, sharding=batch_sharding)
   run = Run(config=config, dataset=dataset, wmap=wmap, controller=controller,
             train_data=train_data, eval_data=eval_data,
@@ -239,7 +245,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, steps.T
             # devices, the FLOPs every device executed together.
             flops={kind: steps.compiled_flops(c) * mesh.size for kind, c in compiled.items()},
             ckpt=ckpt, writer=MetricWriter(workdir, enabled=chief, first_step=first_step),
-            workdir=workdir, chief=chief, first_step=first_step, log_interval=log_interval)
+            workdir=workdir, chief=chief, first_step=first_step,
+            order=steps.make_order_converters(optimizer, wmap=wmap,
+                                              state_sharding=state_sharding),
+            log_interval=log_interval)
   return run, state
 
 
@@ -481,7 +490,10 @@ def train(run: Run, state: steps.TrainState) -> tuple[steps.TrainState, dict[str
   evaluation (empty if no evaluation was due). Raises ``Preempted`` after
   checkpointing the batch at which a stop was requested (``StopRequest``)."""
   with StopRequest(run.ckpt) as stop:
-    return _train(run, state, stop)
+    # The steps read and write the storage order (a permutation within the
+    # split leaves, docs/sharding.md); the state goes in and out in logical order.
+    state, eval_metrics = _train(run, run.order["storage"](state), stop)
+    return run.order["logical"](state), eval_metrics
 
 
 def _train(run: Run, state: steps.TrainState, stop: StopRequest
@@ -545,7 +557,9 @@ def evaluate(eval_steps, state, eval_data: data.EvalBatches, put, threads: int,
              eval_stats: dict | None = None, *, workers: int = 0) -> dict[str, float]:
   """Test accuracy and loss of each sub-network, every test example counted once,
   with the batch-norm statistics ``eval_stats`` gives (``{"base": tree,
-  "motivated": tree}``, recalibrated) or else the state's running averages."""
+  "motivated": tree}``, recalibrated) or else the state's running averages.
+  ``state`` in logical order (``Run.order``)."""
+  _check_logical(state, "evaluate")
   variables = {subnet: state.variables(subnet) if eval_stats is None else
                {"params": state.params, "batch_stats": eval_stats[subnet]}
                for subnet in eval_steps}
@@ -571,7 +585,9 @@ def evaluate_run(run: Run, state: steps.TrainState, *, compare: bool = False
                  ) -> dict[str, float]:
   """``evaluate`` with the run's recalibrated statistics; with ``compare`` (and
   recalibration on) also with the running averages, as
-  ``{subnet}/test_accuracy_running_stats`` and ``{subnet}/test_loss_running_stats``."""
+  ``{subnet}/test_accuracy_running_stats`` and ``{subnet}/test_loss_running_stats``.
+  ``state`` in either order (the loop's is in storage order): it reads logical order."""
+  state = run.order["logical"](state)
   eval_stats = run.eval_stats(state)
   metrics = evaluate(run.eval_steps, state, run.eval_data, run.put,
                      run.config.data_threads, eval_stats, workers=run.config.data_workers)
@@ -636,6 +652,13 @@ def worse_than_guessing(run: Run, metrics: dict[str, float]) -> list[str]:
 _state_is_finite = jax.jit(steps.all_finite)
 
 
+def _check_logical(state: steps.TrainState, reader: str) -> None:
+  if getattr(state, "order", "logical") != "logical":
+    raise ValueError(f"{reader} reads a state in logical order, got one in {state.order} "
+                     "order; convert it with Run.order['logical'] "
+                     "(steps.make_order_converters)")
+
+
 def save(run: Run, state: steps.TrainState, pending: PendingMetrics, step: int) -> None:
   """Checkpoints batch ``step``, after the decisions up to it are in decisions.jsonl
   and the metrics up to it on disk.
@@ -647,8 +670,12 @@ def save(run: Run, state: steps.TrainState, pending: PendingMetrics, step: int) 
   A state that is not finite (an update whose gradient was finite overflowed;
   the steps skip only what they can see before updating) is never saved:
   the run stops there, and the checkpoints before it stay the newest.
+
+  ``state`` in either order: the checkpoint holds logical order, so that any
+  mesh resumes it (a copy of the split leaves while it is written).
   """
   pending.flush()
+  state = run.order["logical"](state)
   if not bool(_state_is_finite((state.params, state.batch_stats, state.opt_state))):
     last = run.ckpt.committed_step()
     kept = (f"the checkpoint of batch {last} in {run.ckpt.directory} is intact"

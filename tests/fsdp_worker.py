@@ -23,11 +23,12 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 
 def _models():
   from motivation_jax.models import NestedMLP, NestedResNet, NestedViT
-  # Widths with every kind of slice: whole blocks of the split dim, a base
-  # extent the devices do not divide, a split dim the base does not slice,
-  # leaves outside the base (extra blocks).
+  # Widths with every kind of slice: split leaves stored interleaved (a base
+  # extent the devices divide), a base extent they do not divide (logical
+  # order, XLA's slices), a split dim the base does not slice, leaves outside
+  # the base (extra blocks).
   return {
-      "mlp": lambda: NestedMLP(base_widths=(16, 24), motivated_widths=(32, 48, 40),
+      "mlp": lambda: NestedMLP(base_widths=(12, 24), motivated_widths=(32, 48, 40),
                                num_classes=10),
       "cnn": lambda: NestedResNet(base_widths=(4, 8), base_depths=(1, 1),
                                   motivated_widths=(8, 16), motivated_depths=(2, 2),
@@ -88,12 +89,19 @@ def equivalence(out_path: str, model_names: str, fsdps: str, policy: str = "swit
       created_as = jax.tree.map(lambda x, s: x.sharding == s, state, layout)
       fns = steps.make_train_steps(model, optimizer, wmap=wmap, state_sharding=layout,
                                    batch_sharding=batch_sharding, policy=policy)
+      # The steps read and write the storage order; the comparisons are in logical order.
+      order = steps.make_order_converters(optimizer, wmap=wmap, state_sharding=layout)
+      logical_params = jax.device_get(state.params)
+      state = order["storage"](state)
+      permuted = [not np.array_equal(x, y) for x, y in zip(
+          jax.tree.leaves(logical_params), jax.tree.leaves(jax.device_get(state.params)))]
       losses = []
       for kind, batch in zip(kinds, batches):
         state, metrics = fns[kind](state, jax.device_put(batch, batch_sharding))
         losses.append(float(metrics["loss"]))
-      kept = jax.tree.map(lambda x, s: x.sharding == s, state, layout)
-      got = jax.device_get(state)
+      kept = [x.sharding == s for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(layout))]
+      stored_order = state.order
+      got = jax.device_get(order["logical"](state))
       diff = lambda a, b: max([float(np.max(np.abs(np.asarray(x) - np.asarray(y)), initial=0))
                                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))],
                               default=0.0)
@@ -105,7 +113,11 @@ def equivalence(out_path: str, model_names: str, fsdps: str, policy: str = "swit
           "step": int(got.step),
           "losses": losses, "expected_losses": expected_losses,
           "created_in_layout": all(jax.tree.leaves(created_as)),
-          "kept_layout": all(jax.tree.leaves(kept)),
+          "kept_layout": all(kept),
+          "order": stored_order,
+          "permuted_leaves": int(sum(permuted)),
+          "interleaved": {jax.tree_util.keystr(path): r.interleaved(s) for (path, s), r in
+                          zip(flat, jax.tree.leaves(wmap.params))},
           "params": {jax.tree_util.keystr(path): {
               "shape": list(x.shape), "spec": _spec(s)}
               for (path, s), x in zip(flat, jax.tree.leaves(abstract.params))},

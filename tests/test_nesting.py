@@ -121,3 +121,56 @@ def test_export_refuses_an_unknown_subnet(batch):
   wmap = nesting.weights_map(model, batch["image"], subnet="motivated")
   with pytest.raises(ValueError, match="subnet must be 'base' or 'motivated'"):
     nesting.export(_init(model, batch), "small", wmap)
+
+
+def _split_over_4(x, dim):
+  """``x`` split along ``dim`` over this process's 4 devices (an fsdp=4 mesh)."""
+  from motivation_jax import sharding
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "fsdp_min_mib": 0.0})
+  spec = (None,) * dim + (sharding.FSDP_AXIS,)
+  layout = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+  return jax.device_put(x, layout), layout
+
+
+def test_the_storage_order_holds_each_devices_base_rows_first_and_the_base_view_reads_them():
+  # 12 rows over 4 devices (3 each), base 8 (2 each): device k holds logical
+  # rows 2k, 2k+1 (base) and 8+k (extension); the second dim is sliced too.
+  region = nesting.Region(full_shape=(12, 3), base_shape=(8, 2))
+  logical = np.arange(36, dtype=np.float32).reshape(12, 3)
+  x, layout = _split_over_4(logical, 0)
+  assert region.interleaved(layout) == 0
+  stored = jax.jit(region.to_storage, static_argnums=1, out_shardings=layout)(x, layout)
+  for shard in stored.addressable_shards:
+    k = shard.index[0].start // 3
+    np.testing.assert_array_equal(shard.data, logical[[2 * k, 2 * k + 1, 8 + k]])
+  np.testing.assert_array_equal(jax.jit(region.to_logical, static_argnums=1)(stored, layout),
+                                logical)
+  # The base view of the storage order is the logical base, evenly split, in place.
+  view_fn = jax.jit(region.view, static_argnums=1)
+  view = view_fn(stored, layout)
+  np.testing.assert_array_equal(view, logical[:8, :2])
+  hlo = view_fn.lower(stored, layout).compile().as_text()
+  assert not any(op in hlo for op in ("all-gather", "collective-permute", "all-to-all",
+                                      "all-reduce")), hlo
+  for shard in view.addressable_shards:
+    k = shard.index[0].start // 2
+    np.testing.assert_array_equal(shard.data, logical[2 * k:2 * k + 2, :2])
+  # The write-back lands in the logical base region, and nothing else changes.
+  part = -np.arange(16, dtype=np.float32).reshape(8, 2)
+  merged = jax.jit(region.merge, static_argnums=2)(stored, part, layout)
+  expected = logical.copy()
+  expected[:8, :2] = part
+  np.testing.assert_array_equal(jax.jit(region.to_logical, static_argnums=1)(merged, layout),
+                                expected)
+
+
+def test_a_leaf_whose_base_the_devices_do_not_divide_stays_in_logical_order():
+  region = nesting.Region(full_shape=(12, 3), base_shape=(6, 3))  # 6 rows over 4 devices
+  logical = np.arange(36, dtype=np.float32).reshape(12, 3)
+  x, layout = _split_over_4(logical, 0)
+  assert region.interleaved(layout) is None
+  assert region.to_storage(x, layout) is x
+  np.testing.assert_array_equal(jax.jit(region.view, static_argnums=1)(x, layout), logical[:6])
+  # A split dim the base does not slice, and one device, need no order either.
+  assert nesting.Region((12, 3), (12, 2)).interleaved(layout) is None
+  assert nesting.Region((12, 3), (8, 2)).interleaved(None) is None
