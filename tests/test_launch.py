@@ -19,7 +19,7 @@ import yaml
 from motivation_jax import agreement, distributed
 from motivation_jax.errors import ConfigError
 
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 
 LAUNCH = os.path.join(ROOT, "launch")
 LOCAL = os.path.join(LAUNCH, "local.sh")
@@ -266,7 +266,7 @@ def test_two_processes_decide_alike_and_summarize_as_one_process(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "motivation_jax.main", f"--config={CONFIG}",
        f"--workdir={tmp_path}/one", *overrides], cwd=ROOT, capture_output=True, text=True,
-      timeout=480, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+      timeout=480, env={**os.environ, "XLA_FLAGS": xla_flags(2)})
   assert result.returncode == 0, result.stderr[-3000:]
   summaries = {}
   for name in ("one", "two"):
