@@ -13,7 +13,7 @@ import pytest
 from motivation_jax import nesting, steps
 from motivation_jax.controller import Controller, make_condition
 
-from conftest import DEFAULT_COMPILER, MODELS, make_batch, randomise, reference_step
+from conftest import MODELS, make_batch, randomise, reference_step
 
 OPTIMIZERS = {
     "sgd_momentum": lambda: optax.sgd(0.05, momentum=0.9),
@@ -186,11 +186,6 @@ def _counts(opt_state) -> list[int]:
 def test_both_policy_is_a_base_step_then_a_motivated_step(batch):
   _, _, state, _, both = _fresh("cnn", "adamw", policy="both")
   _, _, _, _, switch = _fresh("cnn", "adamw")
-  # Compiled as the default flags compile them: the test's fusion settings round
-  # the fused program and the two separate ones differently (up to 5e-5 relative
-  # in a few weights), the defaults within the tolerances below.
-  both, switch = ({kind: fns[kind].lower(state, batch).compile(DEFAULT_COMPILER)
-                   for kind in fns} for fns in (both, switch))
   expected, _ = switch["base"](_copy(state), batch)
   # ... at the same position of the schedule: the base half leaves the count.
   # (Copies: the steps donate their input, and ``state`` is used below.)
@@ -198,8 +193,11 @@ def test_both_policy_is_a_base_step_then_a_motivated_step(batch):
       expected.opt_state, count=_copy(state.opt_state[0].count)))
   expected, expected_metrics = switch["motivated"](expected, batch)
   got, metrics = both["motivated"](state, batch)
-  chex.assert_trees_all_close(got.params, expected.params, rtol=1e-6, atol=1e-7)
-  chex.assert_trees_all_close(got.opt_state, expected.opt_state, rtol=1e-6, atol=1e-7)
+  # One program against two rounds differently (conftest's compile flags: up to
+  # 3e-6 in a weight, 3e-8 in a moment, over 8 batches); the two updates move
+  # weights by up to 2.5e-2, so a missing or doubled one is far outside these.
+  chex.assert_trees_all_close(got.params, expected.params, rtol=1e-6, atol=3e-5)
+  chex.assert_trees_all_close(got.opt_state, expected.opt_state, rtol=1e-6, atol=3e-7)
   np.testing.assert_allclose(metrics["loss"], expected_metrics["loss"], rtol=1e-6)
   assert "base_loss" in metrics
   assert int(got.step) == 1 and _counts(got.opt_state) == [1]
