@@ -23,6 +23,7 @@ inherited by the subprocesses tests start:
   warns and compiles instead.
 """
 
+import functools
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,8 +100,16 @@ def load_default_config():
 
 
 def apply(model, variables, x, **kwargs):
-  """``model.apply`` compiled as one program (eager op-by-op dispatch is slow on CPU)."""
-  return jax.jit(lambda v, x: model.apply(v, x, **kwargs))(variables, x)
+  """``model.apply`` compiled as one program (eager op-by-op dispatch is slow on CPU);
+  a call with an equal module and arguments reuses the compiled program."""
+  frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()))
+  return _jitted_apply(model, frozen)(variables, x)
+
+
+@functools.cache
+def _jitted_apply(model, frozen_kwargs):
+  kwargs = dict(frozen_kwargs)
+  return jax.jit(lambda v, x: model.apply(v, x, **kwargs))
 
 
 def make_batch(n: int = 16, hw: int = 8, seed: int = 0, channels: int = 1) -> dict:
