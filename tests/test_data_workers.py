@@ -90,9 +90,18 @@ def test_imagenet_jpegs_decode_in_workers_as_in_threads(tmp_path):
   _same(list(batches.iterator(0, 4, threads=0, workers=2)), threads)
 
 
+def _small_cnn_config():
+  """The default config (a batch-norm CNN) with a small pair: what is checked
+  here does not depend on the widths, and the compile time grows with the depth."""
+  config = load_default_config()
+  config.model.base = {"widths": (4, 8), "depths": (1, 1)}
+  config.model.motivated = {"widths": (8, 16), "depths": (1, 2)}
+  return config
+
+
 def test_uint8_batches_normalised_on_the_device_train_as_host_normalised_ones():
   dataset = _toy_cifar()
-  config = load_default_config()
+  config = _small_cnn_config()
   model, wmap, _ = train.build(config, dataset)
   optimizer = steps.make_optimizer(config, 100, 6)
   normalisation = (dataset.mean, dataset.std)
@@ -136,7 +145,7 @@ def test_uint8_batches_normalised_on_the_device_train_as_host_normalised_ones():
 
 def test_uint8_images_without_the_data_sets_statistics_are_refused():
   dataset = _toy_cifar()
-  config = load_default_config()
+  config = _small_cnn_config()
   model, wmap, _ = train.build(config, dataset)
   batch = data.EvalBatches(dataset, 8)[0]
   state = steps.create_train_state(model, optax.sgd(0.1), jax.random.key(0),

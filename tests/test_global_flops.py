@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 
 SCRIPT = """
 import json, sys, tempfile
@@ -26,7 +26,7 @@ print(json.dumps({"devices": jax.device_count(), "flops": run.flops}))
 
 def _flops(devices: int) -> dict:
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+         "XLA_FLAGS": xla_flags(devices)}
   out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -19,7 +19,7 @@ import yaml
 from motivation_jax import agreement, distributed
 from motivation_jax.errors import ConfigError
 
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 
 LAUNCH = os.path.join(ROOT, "launch")
 LOCAL = os.path.join(LAUNCH, "local.sh")
@@ -219,10 +219,16 @@ def test_the_flip_hook_is_read_only_when_set(monkeypatch):
     agreement._test_flip()
 
 
+# A small MLP pair: the run stops at batch 3, so compiling is most of its cost,
+# and the decision check does not depend on the model.
+SMALL_MLP = ["--config.model.name=mlp", "--config.model.base={'widths': (16,)}",
+             "--config.model.motivated={'widths': (32,)}"]
+
+
 def test_a_process_that_decides_differently_stops_the_run_in_one_line(tmp_path):
   status, out, err = run_launcher(
       ["bash", LOCAL, "2", f"--config={CONFIG}", f"--workdir={tmp_path}/w",
-       "--config.num_epochs=1", *FAST],
+       "--config.num_epochs=1", *FAST, *SMALL_MLP],
       timeout=240, env={agreement.FLIP_DECISION_ENV: "1:3", "LOG_DIR": str(tmp_path / "logs")})
   assert not os.path.exists(tmp_path / "w" / "summary.json")
   if status == 134:
@@ -266,7 +272,7 @@ def test_two_processes_decide_alike_and_summarize_as_one_process(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "motivation_jax.main", f"--config={CONFIG}",
        f"--workdir={tmp_path}/one", *overrides], cwd=ROOT, capture_output=True, text=True,
-      timeout=480, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+      timeout=480, env={**os.environ, "XLA_FLAGS": xla_flags(2)})
   assert result.returncode == 0, result.stderr[-3000:]
   summaries = {}
   for name in ("one", "two"):

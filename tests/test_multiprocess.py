@@ -20,7 +20,7 @@ import pytest
 
 from motivation_jax import data
 
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_worker.py")
 NUM_PROCESSES = 2
@@ -54,7 +54,7 @@ def run_workers(out_dir, part: str, **env) -> list[tuple[dict, dict]]:
   process order. Fails with their output if one fails or they time out."""
   out_dir = str(out_dir)
   env = {**os.environ, **env,
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
+         "XLA_FLAGS": xla_flags(DEVICES_PER_PROCESS),
          "JAX_PLATFORMS": "cpu"}
   port = _free_port()
   logs = [os.path.join(out_dir, f"process_{i}.log") for i in range(NUM_PROCESSES)]

@@ -193,8 +193,11 @@ def test_both_policy_is_a_base_step_then_a_motivated_step(batch):
       expected.opt_state, count=_copy(state.opt_state[0].count)))
   expected, expected_metrics = switch["motivated"](expected, batch)
   got, metrics = both["motivated"](state, batch)
-  chex.assert_trees_all_close(got.params, expected.params, rtol=1e-6, atol=1e-7)
-  chex.assert_trees_all_close(got.opt_state, expected.opt_state, rtol=1e-6, atol=1e-7)
+  # One program against two rounds differently (conftest's compile flags: up to
+  # 3e-6 in a weight, 3e-8 in a moment, over 8 batches); the two updates move
+  # weights by up to 2.5e-2, so a missing or doubled one is far outside these.
+  chex.assert_trees_all_close(got.params, expected.params, rtol=1e-6, atol=3e-5)
+  chex.assert_trees_all_close(got.opt_state, expected.opt_state, rtol=1e-6, atol=3e-7)
   np.testing.assert_allclose(metrics["loss"], expected_metrics["loss"], rtol=1e-6)
   assert "base_loss" in metrics
   assert int(got.step) == 1 and _counts(got.opt_state) == [1]
