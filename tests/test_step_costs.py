@@ -75,9 +75,9 @@ def test_the_motivated_step_applies_its_finite_update_in_place_without_copying_t
   state = steps.create_train_state(model, optimizer, jax.random.key(0), batch["image"])
   wmap = nesting.weights_map(model, batch["image"], subnet="motivated")
   motivated = steps.make_train_steps(model, optimizer, wmap=wmap)["motivated"].lower(
-      state, batch).compile()
+      state, batch).compile(DEFAULT_COMPILER)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   standalone = jax.jit(
       lambda v, o, b: reference_step(model.standalone("motivated"), optimizer, v, o, b),
-      donate_argnums=(0, 1)).lower(variables, state.opt_state, batch).compile()
+      donate_argnums=(0, 1)).lower(variables, state.opt_state, batch).compile(DEFAULT_COMPILER)
   assert _copies(motivated) <= _copies(standalone), (_copies(motivated), _copies(standalone))
