@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import COSTLIEST_FILES, COSTLIEST_FILES_WITH_SLOW, ROOT
 
 PACKAGE = os.path.join(ROOT, "motivation_jax")
 # Imports of package modules inside a function, each with its reason (none may be
@@ -110,3 +110,10 @@ def test_no_package_module_is_imported_inside_a_function_without_a_reason():
 def test_nesting_and_models_import_in_either_order(first, second):
   code = f"import motivation_jax.{first}, motivation_jax.{second}"
   subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+def test_the_files_conftest_sends_first_exist():
+  present = set(os.listdir(os.path.join(ROOT, "tests")))
+  for order in (COSTLIEST_FILES, COSTLIEST_FILES_WITH_SLOW):
+    assert set(order) <= present, set(order) - present
+    assert len(set(order)) == len(order)
