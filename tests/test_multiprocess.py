@@ -49,6 +49,23 @@ def _log_tail(path: str, chars: int = 4000) -> str:
     return f.read()[-chars:]
 
 
+def _wait_for_coordinator(proc, port: int, deadline: float) -> str | None:
+  """Waits until process 0 listens on ``port``, before the others start. A
+  process that connects before the coordinator's service is up retries with
+  gRPC's growing backoff (by default 1 s, then 1.6x each time, up to 2 min). In
+  one cold full run on the loaded 2-core machine the data fixture took 152 s
+  (5 s alone, cold); a late coordinator is the suspected cause, not a proven one."""
+  while time.monotonic() < deadline:
+    if proc.poll() is not None:
+      return "process 0 exited before its coordinator listened"
+    try:
+      with socket.create_connection(("localhost", port), timeout=1):
+        return None
+    except OSError:
+      time.sleep(0.05)
+  return f"process 0's coordinator did not listen on port {port} within {TIMEOUT_S} s"
+
+
 def run_workers(out_dir, part: str, **env) -> list[tuple[dict, dict]]:
   """Runs the workers to the end; ``[(json, arrays)]`` of each process, in
   process order. Fails with their output if one fails or they time out."""
@@ -59,13 +76,17 @@ def run_workers(out_dir, part: str, **env) -> list[tuple[dict, dict]]:
   port = _free_port()
   logs = [os.path.join(out_dir, f"process_{i}.log") for i in range(NUM_PROCESSES)]
   procs = []
+  deadline = time.monotonic() + TIMEOUT_S
+  problem = None
   for i, log in enumerate(logs):
     with open(log, "w") as f:
       procs.append(subprocess.Popen(
           [sys.executable, WORKER, str(i), str(NUM_PROCESSES), str(port), out_dir, part],
           cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
-  deadline = time.monotonic() + TIMEOUT_S
-  problem = None
+    if i == 0:
+      problem = _wait_for_coordinator(procs[0], port, deadline)
+      if problem is not None:
+        break
   while problem is None and any(p.poll() is None for p in procs):
     if any(p.poll() not in (None, 0) for p in procs):
       problem = "a worker failed"  # the others would wait for it until their timeout
