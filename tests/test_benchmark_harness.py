@@ -1,4 +1,5 @@
-"""The performance harness (benchmarks/run.py) runs end to end in its tiny mode.
+"""The performance harness (benchmarks/run.py) runs end to end in its tiny mode, and
+benchmarks/loop_reads.py too.
 
 Only what does not depend on the machine's speed is asserted: one compilation
 per step kind however often the loop switches, and the files it writes. The
@@ -12,17 +13,17 @@ import sys
 from conftest import ROOT
 
 
-def _harness():
+def _benchmark(name: str = "run"):
   # Imported as the package module ``python -m benchmarks.run`` runs (its
   # dataclasses need their module in sys.modules, which load_script skips).
   if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-  return importlib.import_module("benchmarks.run")
+  return importlib.import_module(f"benchmarks.{name}")
 
 
 def test_the_harness_counts_one_compile_per_kind_and_writes_its_files(tmp_path):
   out = str(tmp_path / "results" / "harness")
-  results = _harness().main(["--tiny", "--out", out])
+  results = _benchmark().main(["--tiny", "--out", out])
   (tiny,) = results["models"].values()
   compiles = tiny["compiles"]
   assert compiles["switches"] >= 100  # a run that switches often ...
@@ -38,3 +39,14 @@ def test_the_harness_counts_one_compile_per_kind_and_writes_its_files(tmp_path):
   markdown = open(out + ".md").read()
   assert recorded["machine"]["cpu"] in markdown and "| compiles per step kind" in markdown
   assert "non-finite rule" in markdown
+
+
+def test_loop_reads_times_every_variant_on_the_same_batches(capsys):
+  loop_reads = _benchmark("loop_reads")
+  result = loop_reads.main(["--tiny", "--batches=12", "--trials=1"])
+  assert set(result) == set(loop_reads.VARIANTS)
+  assert result["schedule"]["ratio"] == 1.0
+  assert len({r["batches"] for r in result.values()}) == 1  # one schedule for all
+  assert all(r["us_per_batch"] > 0 for r in result.values())
+  table = capsys.readouterr().out
+  assert all(f"| {name} |" in table for name in loop_reads.VARIANTS)

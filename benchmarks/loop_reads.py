@@ -1,0 +1,128 @@
+r"""What reading the losses costs a loop: blocking on each step, or the read?
+
+  python -m benchmarks.loop_reads [--config=configs/default.py[:variant]] [--tiny] \
+      [--batches=330] [--trials=7]
+
+A companion to the harness (benchmarks/run.py, whose loops and trial scheme it
+reuses): on the same compiled steps, batches and schedule, each variant against
+the schedule loop that reads nothing, as the median over interleaved trials of
+the per-trial ratio (1.0: costs nothing; lower is slower):
+
+- ``real``: ``train.train`` at decision lag 1 (the harness's loop overhead);
+- ``reads``: reads each loss one batch late with ``float(np.asarray(...))``,
+  blocking until its step is done (the harness's bare reading loop);
+- ``waits``: blocks on each loss one batch late and reads nothing;
+- ``reads when ready``: reads a loss only once ``is_ready()`` says its step is
+  done, and never blocks before the end.
+
+It prints a markdown table; benchmarks/results/README.md quotes what it measured.
+"""
+
+import argparse
+import collections
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from benchmarks import run as harness
+from motivation_jax import train
+
+
+def _timed(loop):
+  def timed(run, state, kinds):
+    start = time.perf_counter()
+    state = loop(run, state, kinds)
+    jax.block_until_ready(state)
+    return time.perf_counter() - start
+  return timed
+
+
+@_timed
+def _schedule(run, state, kinds):
+  for t, kind in enumerate(kinds):
+    state, _ = run.train_steps[kind](state, run.train_data[t])
+  return state
+
+
+def _late(handle):
+  """A loop that hands each batch's loss, one batch late, to ``handle``."""
+  @_timed
+  def loop(run, state, kinds):
+    pending = collections.deque()
+    for t, kind in enumerate(kinds):
+      state, metrics = run.train_steps[kind](state, run.train_data[t])
+      pending.append(metrics["loss"])
+      while len(pending) > 1:
+        handle(pending.popleft())
+    return state
+  return loop
+
+
+@_timed
+def _reads_when_ready(run, state, kinds):
+  pending = collections.deque()
+  for t, kind in enumerate(kinds):
+    state, metrics = run.train_steps[kind](state, run.train_data[t])
+    pending.append(metrics["loss"])
+    while pending and pending[0].is_ready():
+      float(np.asarray(pending.popleft()))
+  for loss in pending:
+    float(np.asarray(loss))
+  return state
+
+
+VARIANTS = {
+    "schedule": _schedule,
+    "real": lambda run, state, kinds: harness.real_loop(run, state, 1)[0],
+    "reads": _late(lambda loss: float(np.asarray(loss))),
+    "waits": _late(lambda loss: loss.block_until_ready()),
+    "reads when ready": _reads_when_ready,
+}
+
+
+def measure(config, batches: int, trials: int) -> dict[str, dict[str, float]]:
+  """``{variant: {"ratio": schedule / variant, "us_per_batch": ...}}``."""
+  with tempfile.TemporaryDirectory() as workdir:
+    run, state0 = train.setup(harness.loop_config(config, batches), workdir)
+    run = harness.resident(run)
+    _, kinds = harness.real_loop(run, harness.fresh_state(state0), 1)
+    for loop in VARIANTS.values():  # warm-up
+      loop(run, harness.fresh_state(state0), kinds)
+    times = collections.defaultdict(list)
+    for trial in range(trials):
+      for name in harness.rotated(list(VARIANTS), trial):
+        times[name].append(VARIANTS[name](run, harness.fresh_state(state0), kinds))
+    run.close()
+  return {name: {"ratio": statistics.median(s / v for s, v in zip(times["schedule"], t)),
+                 "us_per_batch": statistics.median(t) / len(kinds) * 1e6,
+                 "batches": len(kinds)}
+          for name, t in times.items()}
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[2])
+  parser.add_argument("--config", default="configs/default.py",
+                      help="the step's config, PATH[:variant]")
+  parser.add_argument("--tiny", action="store_true", help="the harness's tiny MLP instead")
+  parser.add_argument("--batches", type=int, default=330)
+  parser.add_argument("--trials", type=int, default=7)
+  args = parser.parse_args(argv)
+  config = harness.load_config(args.config)
+  if args.tiny:
+    config = harness.tiny_config(config)
+  result = measure(config, args.batches, args.trials)
+  print(f"{result['schedule']['batches']} batches, {args.trials} trials, "
+        f"{jax.devices()[0].device_kind} ({os.cpu_count()} cores)")
+  print("| variant | schedule / variant | µs per batch |\n|---|---:|---:|")
+  for name, r in result.items():
+    print(f"| {name} | {r['ratio']:.3f} | {r['us_per_batch']:,.1f} |")
+  return result
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
