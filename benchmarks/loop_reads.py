@@ -33,38 +33,8 @@ from benchmarks import run as harness
 from motivation_jax import train
 
 
-def _timed(loop):
-  def timed(run, state, kinds):
-    start = time.perf_counter()
-    state = loop(run, state, kinds)
-    jax.block_until_ready(state)
-    return time.perf_counter() - start
-  return timed
-
-
-@_timed
-def _schedule(run, state, kinds):
-  for t, kind in enumerate(kinds):
-    state, _ = run.train_steps[kind](state, run.train_data[t])
-  return state
-
-
-def _late(handle):
-  """A loop that hands each batch's loss, one batch late, to ``handle``."""
-  @_timed
-  def loop(run, state, kinds):
-    pending = collections.deque()
-    for t, kind in enumerate(kinds):
-      state, metrics = run.train_steps[kind](state, run.train_data[t])
-      pending.append(metrics["loss"])
-      while len(pending) > 1:
-        handle(pending.popleft())
-    return state
-  return loop
-
-
-@_timed
-def _reads_when_ready(run, state, kinds):
+def _reads_when_ready(run, state, kinds) -> float:
+  start = time.perf_counter()
   pending = collections.deque()
   for t, kind in enumerate(kinds):
     state, metrics = run.train_steps[kind](state, run.train_data[t])
@@ -73,14 +43,16 @@ def _reads_when_ready(run, state, kinds):
       float(np.asarray(pending.popleft()))
   for loss in pending:
     float(np.asarray(loss))
-  return state
+  jax.block_until_ready(state)
+  return time.perf_counter() - start
 
 
-VARIANTS = {
-    "schedule": _schedule,
+VARIANTS = {  # (run, state, kinds) -> seconds
+    "schedule": harness.schedule_loop,
     "real": lambda run, state, kinds: harness.real_loop(run, state, 1)[0],
-    "reads": _late(lambda loss: float(np.asarray(loss))),
-    "waits": _late(lambda loss: loss.block_until_ready()),
+    "reads": lambda run, state, kinds: harness.reading_loop(run, state, kinds, 1),
+    "waits": lambda run, state, kinds: harness.reading_loop(
+        run, state, kinds, 1, take=lambda loss: loss.block_until_ready()),
     "reads when ready": _reads_when_ready,
 }
 

@@ -348,16 +348,23 @@ def schedule_loop(run: train.Run, state, schedule: list[str]) -> float:
   return time.perf_counter() - start
 
 
-def reading_loop(run: train.Run, state, schedule: list[str], lag: int) -> float:
+def _read(loss: jax.Array) -> float:
+  return float(np.asarray(loss))
+
+
+def reading_loop(run: train.Run, state, schedule: list[str], lag: int,
+                 take: Callable[[jax.Array], Any] = _read) -> float:
   """``schedule_loop`` that also reads each batch's loss ``lag`` batches late,
-  as the real loop must: the least any loop that reads losses can cost."""
+  as the real loop must: the least any loop that reads losses can cost.
+  ``take``: done with each loss instead of reading it (benchmarks/loop_reads.py
+  only waits for it)."""
   start = time.perf_counter()
   pending = collections.deque()
   for t, kind in enumerate(schedule):
     state, metrics = run.train_steps[kind](state, run.train_data[t])
     pending.append(metrics["loss"])
     while len(pending) > lag:
-      float(np.asarray(pending.popleft()))
+      take(pending.popleft())
   jax.block_until_ready(state)
   return time.perf_counter() - start
 
