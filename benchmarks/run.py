@@ -1,6 +1,7 @@
 r"""The performance harness: what the two-model loop costs against its parts.
 
   python -m benchmarks.run [--config=configs/default.py[:variant]] [--quick] \
+      [--accelerator | --accelerator-only | --skip-accelerator] \
       [--out=benchmarks/results/harness_BACKEND]   # harness_cpu, harness_gpu, ...
 
 Every figure is a ratio of two variants timed in this one process, trial
@@ -40,9 +41,11 @@ on a CPU):
 5. *Whole-run cost*: wall time and training FLOPs of ``train_and_evaluate``
    with the config's condition against the same run with ``always`` (the large
    model on every batch), for the same batches.
-6. On an accelerator (or with ``--accelerator``): absolute step times, MFU and
-   peak memory of ResNet-20 in ResNet-56 and ViT-Ti in ViT-S on 32x32 images,
-   in float32 and, where ``config.dtype`` exists, bfloat16.
+6. On an accelerator (or with ``--accelerator``; ``--accelerator-only`` skips
+   1-5 and writes ``OUT`` = ``harness_BACKEND_steps`` by default): absolute step
+   times, MFU and memory of ResNet-20 in ResNet-56 and ViT-Ti in ViT-S on 32x32
+   images, in float32 and, where ``config.dtype`` exists, bfloat16.
+   benchmarks/device/ runs it on a lent GPU.
 
 ``--quick`` is for development (fewer and shorter trials; the figures are
 noisier); ``--tiny`` only checks that everything runs (tests/
@@ -716,9 +719,12 @@ def measure_whole_run(config, mode: Mode, workdir: str) -> dict[str, Any]:
 
 # --- 6: absolute step times on an accelerator ---------------------------------------------
 
-# Dense peak FLOP/s per chip, float32 / bfloat16 (vendor data sheets; SXM parts).
-PEAK_FLOPS = {"H100": (67e12, 989e12), "H200": (67e12, 989e12), "A100": (19.5e12, 312e12),
-              "L4": (30e12, 121e12)}
+# Dense peak FLOP/s per chip for (float32, bfloat16) operands, from the vendors' data
+# sheets (SXM parts, no sparsity). JAX's default precision computes float32 matrix
+# products and convolutions in TensorFloat-32 on these GPUs (docs.jax.dev, "Matmul
+# precision"), so float32's peak is the TF32 tensor-core one, not plain FP32's.
+PEAK_FLOPS = {"H100": (494.7e12, 989.4e12), "H200": (494.7e12, 989.4e12),
+              "A100": (156e12, 312e12), "L4": (60e12, 121e12)}
 # (label, config file): ResNet-20 in ResNet-56, ViT-Ti in ViT-S, 32x32, batch 128.
 ACCELERATOR_CONFIGS = (("resnet20 in resnet56", "configs/cifar10_resnet.py"),
                        ("vit-ti in vit-s", "configs/cifar10_vit.py"))
@@ -731,13 +737,31 @@ def peak_flops(device, dtype: str) -> float | None:
   return None
 
 
+def step_memory_bytes(compiled) -> int | None:
+  """What XLA's buffer assignment gives one call of a compiled step at most:
+  its arguments, outputs and temporaries, less the outputs written into
+  donated arguments. Per program, unlike the device's ``peak_bytes_in_use``,
+  which holds since the process started."""
+  try:
+    m = compiled.memory_analysis()
+  except (NotImplementedError, RuntimeError):  # a backend that does not report it
+    return None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
 def measure_accelerator(mode: Mode, workdir: str, *, batch_size: int | None = None,
-                        variant: str | None = None) -> list[dict[str, Any]]:
-  """Absolute step times, MFU and peak memory per step kind (item 6), through
+                        variant: str | None = None,
+                        rows: list[dict[str, Any]] | None = None,
+                        on_rows: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
+  """Absolute step times, MFU and memory per step kind (item 6), through
   ``train.setup`` (TFDS mock data stands in for CIFAR-10); bfloat16 too where
-  the config has ``dtype``."""
+  the config has ``dtype``. Appends to ``rows`` and calls ``on_rows`` after each
+  (model, dtype), so that a run cut short keeps what it measured."""
   device = jax.devices()[0]
-  rows = []
+  rows = [] if rows is None else rows
   for label, path in ACCELERATOR_CONFIGS:
     base_config = load_config(path + (f":{variant}" if variant else ""))
     dtypes = ["float32"] + (["bfloat16"] if "dtype" in base_config else [])
@@ -749,7 +773,9 @@ def measure_accelerator(mode: Mode, workdir: str, *, batch_size: int | None = No
       config.batch_size = batch_size or config.batch_size
       config.progress_bar = False
       config.bn_recalibration_batches = 0
+      start = time.perf_counter()
       run, state = train.setup(config, os.path.join(workdir, f"{label}_{dtype}"))
+      setup_s = time.perf_counter() - start
       batch = run.put(run.train_data[0])
       for kind in ("base", "motivated"):
         compiled = run.train_steps[kind]
@@ -767,12 +793,16 @@ def measure_accelerator(mode: Mode, workdir: str, *, batch_size: int | None = No
         step_s = median(times)
         peak = peak_flops(device, dtype)
         stats = device.memory_stats() or {}
+        step_bytes = step_memory_bytes(compiled)
         rows.append({"model": label, "dtype": dtype, "kind": kind, "batch": config.batch_size,
                      "step_ms": step_s * 1e3, "flops": run.flops[kind],
-                     "mfu": run.flops[kind] / step_s / peak if peak else None,
+                     "peak_flops": peak, "mfu": run.flops[kind] / step_s / peak if peak else None,
+                     "step_memory_gib": None if step_bytes is None else step_bytes / 2**30,
                      "peak_memory_gib": (stats["peak_bytes_in_use"] / 2**30
-                                         if "peak_bytes_in_use" in stats else None)})
+                                         if "peak_bytes_in_use" in stats else None),
+                     "calls": repeats, "setup_s": setup_s})
       run.close()
+      on_rows()
   return rows
 
 
@@ -845,14 +875,15 @@ def markdown(results: dict[str, Any]) -> str:
       f"{results.get('other_processes_cores', float('nan')):.2f} cores busy on average "
       f"meanwhile; {results['seconds']:.0f} s in all.",
       "",
-      "Ratios are medians over interleaved trials of two variants timed in this process",
-      "(benchmarks/run.py says how each is taken).",
-      "",
-      "## Targets",
-      "",
-      "| what | value | target | met |",
-      "|---|---:|---:|---|",
   ]
+  if not results.get("complete", True):
+    lines += ["**Partial**: the run stopped before it finished; what follows is what it "
+              "had measured.", ""]
+  if results["models"]:
+    lines += ["Ratios are medians over interleaved trials of two variants timed in this "
+              "process", "(benchmarks/run.py says how each is taken).", ""]
+  if results["targets"]:
+    lines += ["## Targets", "", "| what | value | target | met |", "|---|---:|---:|---|"]
   for t in results["targets"]:
     value = f"{t['value']:.3f}" if isinstance(t["value"], float) else t["value"]
     lines.append(f"| {t['what']} | {value} | {t['target']} | {'yes' if t['met'] else 'NO'} |")
@@ -933,13 +964,28 @@ def markdown(results: dict[str, Any]) -> str:
                     f"FLOPs {w['flops_ratio']:.3f}."]
   if results.get("accelerator"):
     lines += ["", "## Accelerator step times", "",
-              "| model | dtype | kind | batch | ms/step | GFLOPs | MFU | peak GiB |",
-              "|---|---|---|---:|---:|---:|---:|---:|"]
+              "Each kind's compiled step (`run.train_steps`) on one batch of TFDS mock data, "
+              f"median of the trials' mean over {results['accelerator'][0]['calls']} calls. "
+              "MFU: the step's FLOPs (XLA's cost "
+              "analysis) per second over the chip's dense peak (`PEAK_FLOPS`: float32 at "
+              "the TF32 tensor-core rate, JAX's default precision there). Step GiB: XLA's "
+              "buffer assignment for one call (arguments, outputs and temporaries, less "
+              "what is written in place); process peak: the device's `peak_bytes_in_use` "
+              "so far, rows in the order run. Setup: `train.setup`, compiles included.",
+              "",
+              "| model | dtype | kind | batch | ms/step | GFLOPs | peak TFLOP/s | MFU "
+              "| step GiB | process peak GiB | setup s |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(value, spec):
+      return "-" if value is None else format(value, spec)
+
     for a in results["accelerator"]:
-      mfu = "-" if a["mfu"] is None else f"{a['mfu']:.1%}"
-      mem = "-" if a["peak_memory_gib"] is None else f"{a['peak_memory_gib']:.2f}"
       lines.append(f"| {a['model']} | {a['dtype']} | {a['kind']} | {a['batch']} | "
-                   f"{a['step_ms']:.2f} | {a['flops'] / 1e9:,.1f} | {mfu} | {mem} |")
+                   f"{a['step_ms']:.2f} | {a['flops'] / 1e9:,.1f} | "
+                   f"{cell(a['peak_flops'] and a['peak_flops'] / 1e12, '.1f')} | "
+                   f"{cell(a['mfu'], '.1%')} | {cell(a['step_memory_gib'], '.3f')} | "
+                   f"{cell(a['peak_memory_gib'], '.2f')} | {a['setup_s']:.0f} |")
   if results.get("note"):
     lines += ["", results["note"]]
   return "\n".join(lines) + "\n"
@@ -951,14 +997,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       help="the realistic step's config, PATH[:variant]")
   parser.add_argument("--quick", action="store_true", help="fewer, shorter trials")
   parser.add_argument("--tiny", action="store_true", help="only check that it all runs")
-  parser.add_argument("--accelerator", action="store_true",
-                      help="measure item 6 even on a CPU (always on an accelerator)")
+  item6 = parser.add_mutually_exclusive_group()
+  item6.add_argument("--accelerator", action="store_true",
+                     help="measure item 6 even on a CPU (always on an accelerator)")
+  item6.add_argument("--accelerator-only", action="store_true",
+                     help="measure item 6 alone (the first figures a lent GPU owes)")
+  item6.add_argument("--skip-accelerator", action="store_true",
+                     help="leave item 6 out, on an accelerator too")
   parser.add_argument("--out", default=None, help="writes OUT.json and OUT.md "
                       "(default: benchmarks/results/harness_BACKEND)")
   parser.add_argument("--note", default="", help="a sentence added to the markdown")
   args = parser.parse_args(argv)
   mode = MODES["tiny" if args.tiny else "quick" if args.quick else "full"]
-  args.out = args.out or os.path.join(RESULTS, f"harness_{jax.default_backend()}")
+  args.out = args.out or os.path.join(
+      RESULTS, f"harness_{jax.default_backend()}" + ("_steps" if args.accelerator_only else ""))
   start, load_before, cpu_before = time.perf_counter(), load_average(), cpu_seconds()
   config = load_config(args.config)
   configs = {"tiny": tiny_config(config), "realistic": config}
@@ -967,31 +1019,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            *(argv if argv is not None else sys.argv[1:])]),
       "mode": mode.name, "machine": describe_machine(), "load_before": load_before,
       "models": {}}
+  results["note"] = args.note
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+  def save(complete: bool = False) -> str:
+    """Writes OUT.json and OUT.md with what is measured so far (a run cut short
+    by a time limit keeps it; ``complete`` is False in them until the end)."""
+    results["complete"] = complete
+    results["targets"] = targets(results)
+    results["load_after"] = load_average()
+    results["seconds"] = time.perf_counter() - start
+    cpu_after = cpu_seconds()
+    if cpu_before and cpu_after:
+      others = (cpu_after[0] - cpu_before[0]) - (cpu_after[1] - cpu_before[1])
+      results["other_processes_cores"] = max(0.0, others / results["seconds"])
+    with open(args.out + ".json", "w") as f:
+      json.dump(results, f, indent=2)
+    text = markdown(results)
+    with open(args.out + ".md", "w") as f:
+      f.write(text)
+    return text
+
   with tempfile.TemporaryDirectory() as workdir:
-    for label in mode.models:
+    for label in () if args.accelerator_only else mode.models:
       results["models"][label] = measure_model(label, configs[label], mode,
                                                os.path.join(workdir, label))
       results["models"][label]["loop_lag"] = configs[label].motivation.decision_lag
       print(f"{label}: {time.perf_counter() - start:.0f} s", flush=True)
-    if args.accelerator or jax.default_backend() != "cpu":
-      results["accelerator"] = measure_accelerator(
-          mode, os.path.join(workdir, "accelerator"),
-          variant="smoke" if mode.name == "tiny" else None)
-  results["targets"] = targets(results)
-  results["load_after"] = load_average()
-  results["seconds"] = time.perf_counter() - start
-  cpu_after = cpu_seconds()
-  if cpu_before and cpu_after:
-    others = (cpu_after[0] - cpu_before[0]) - (cpu_after[1] - cpu_before[1])
-    results["other_processes_cores"] = max(0.0, others / results["seconds"])
-  results["note"] = args.note
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out + ".json", "w") as f:
-    json.dump(results, f, indent=2)
-  text = markdown(results)
-  with open(args.out + ".md", "w") as f:
-    f.write(text)
-  print(text)
+      save()
+    on_accelerator = args.accelerator or jax.default_backend() != "cpu"
+    if args.accelerator_only or (on_accelerator and not args.skip_accelerator):
+      rows = results["accelerator"] = []
+
+      def on_rows():
+        print(f"accelerator, {rows[-1]['model']} {rows[-1]['dtype']}: "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+        save()
+
+      measure_accelerator(mode, os.path.join(workdir, "accelerator"),
+                          variant="smoke" if mode.name == "tiny" else None,
+                          rows=rows, on_rows=on_rows)
+  print(save(complete=True))
   return results
 
 
