@@ -1,5 +1,6 @@
-"""The performance harness (benchmarks/run.py) runs end to end in its tiny mode, and
-benchmarks/loop_reads.py too.
+"""The performance harness (benchmarks/run.py) runs end to end in its tiny mode, its
+accelerator part (item 6) too, and benchmarks/loop_reads.py; benchmarks/device/
+carries every dependency a lent GPU machine lacks.
 
 Only what does not depend on the machine's speed is asserted: one compilation
 per step kind however often the loop switches, and the files it writes. The
@@ -7,8 +8,14 @@ timings themselves are recorded in benchmarks/results/, never asserted here.
 """
 
 import importlib
+import importlib.metadata
 import json
+import os
+import re
 import sys
+
+import pytest
+from packaging.requirements import Requirement
 
 from conftest import ROOT
 
@@ -50,3 +57,69 @@ def test_loop_reads_times_every_variant_on_the_same_batches(capsys):
   assert all(r["us_per_batch"] > 0 for r in result.values())
   table = capsys.readouterr().out
   assert all(f"| {name} |" in table for name in loop_reads.VARIANTS)
+
+
+def test_the_accelerator_part_measures_each_kind_and_dtype(tmp_path, monkeypatch):
+  run = _benchmark()
+  (vit,) = [c for c in run.ACCELERATOR_CONFIGS if "vit" in c[0]]
+  monkeypatch.setattr(run, "ACCELERATOR_CONFIGS", (vit,))
+  out = str(tmp_path / "harness_steps")
+  written = []
+  save = run.markdown
+  monkeypatch.setattr(run, "markdown", lambda r: written.append(r["complete"]) or save(r))
+  results = run.main(["--tiny", "--accelerator-only", "--out", out])
+  assert results["models"] == {} and written == [False, False, True]  # saved as it went
+  rows = results["accelerator"]
+  assert [(r["dtype"], r["kind"]) for r in rows] == [
+      ("float32", "base"), ("float32", "motivated"),
+      ("bfloat16", "base"), ("bfloat16", "motivated")]
+  for r in rows:
+    assert r["step_ms"] > 0 and r["flops"] > 0 and r["step_memory_gib"] > 0
+  for dtype in ("float32", "bfloat16"):  # the motivated step is the larger program
+    base, motivated = (r for r in rows if r["dtype"] == dtype)
+    assert motivated["flops"] > base["flops"]
+    assert motivated["step_memory_gib"] > base["step_memory_gib"]
+  markdown = open(out + ".md").read()
+  assert "## Accelerator step times" in markdown and "## Targets" not in markdown
+  assert json.load(open(out + ".json"))["complete"] is True
+
+
+def _norm(name: str) -> str:
+  return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_the_device_wheels_carry_what_the_gpu_image_lacks():
+  """Every distribution motivation_jax needs (transitively, extras followed, for
+  the device's Python 3.12 on Linux) is in the image's list or in wheels.txt,
+  and wheels.txt pins what is installed here: what CI tests is what runs there."""
+  device = os.path.join(ROOT, "benchmarks", "device")
+  with open(os.path.join(device, "image_packages.txt")) as f:
+    image = {_norm(w) for line in f if not line.startswith("#") for w in line.split()}
+  with open(os.path.join(device, "wheels.txt")) as f:
+    pins = dict(line.strip().split("==") for line in f
+                if line.strip() and not line.startswith("#"))
+  carried = {_norm(name): version for name, version in pins.items()}
+  environment = {"python_version": "3.12", "python_full_version": "3.12.3",
+                 "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
+                 "platform_machine": "x86_64", "implementation_name": "cpython",
+                 "platform_python_implementation": "CPython"}
+  needed, todo, done = {}, [("motivation-jax", "")], set()
+  while todo:
+    name, extra = todo.pop()
+    if (name, extra) in done:
+      continue
+    done.add((name, extra))
+    dist = importlib.metadata.distribution(name)
+    needed[_norm(name)] = dist.version
+    for text in dist.requires or []:
+      requirement = Requirement(text)
+      if requirement.marker and not requirement.marker.evaluate(
+          {**environment, "extra": extra}):
+        continue
+      todo += [(_norm(requirement.name), e) for e in ("", *requirement.extras)]
+  del needed["motivation-jax"]
+  assert "tensorflow-datasets" in needed and "jax" in needed  # the walk went somewhere
+  missing = sorted(n for n in needed if n not in image and n not in carried)
+  assert not missing, f"add to benchmarks/device/wheels.txt: {missing}"
+  stale = {n: (v, needed.get(n)) for n, v in carried.items() if needed.get(n) != v}
+  assert not stale, f"wheels.txt pin, installed here: {stale}"

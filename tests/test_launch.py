@@ -1,7 +1,8 @@
-"""launch/: the scripts parse and pass shellcheck; ``launch/local.sh`` starts a
-real multi-process run of ``python -m motivation_jax.main``; start-up flags are
-checked; every process takes the same decisions, and a process made to decide
-differently stops the run with one line instead of hanging.
+"""launch/: the scripts (benchmarks/device/'s too) parse and pass shellcheck;
+``launch/local.sh`` starts a real multi-process run of ``python -m
+motivation_jax.main``; start-up flags are checked; every process takes the same
+decisions, and a process made to decide differently stops the run with one line
+instead of hanging.
 """
 
 import glob
@@ -23,7 +24,8 @@ from conftest import ROOT, xla_flags
 
 LAUNCH = os.path.join(ROOT, "launch")
 LOCAL = os.path.join(LAUNCH, "local.sh")
-SCRIPTS = sorted(glob.glob(os.path.join(LAUNCH, "*.sh")) + glob.glob(os.path.join(LAUNCH, "*.sbatch")))
+SCRIPTS = sorted(glob.glob(os.path.join(LAUNCH, "*.sh")) + glob.glob(os.path.join(LAUNCH, "*.sbatch"))
+                 + glob.glob(os.path.join(ROOT, "benchmarks", "device", "*.sh")))
 CONFIG = os.path.join(ROOT, "configs", "default.py")
 # Small and fast: digits, 22 batches per epoch; the default condition
 # (loss_streak) fires in the first epochs, so both step kinds run.
