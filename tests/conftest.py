@@ -71,24 +71,28 @@ from motivation_jax.models import (NestedEfficientNet, NestedMLP, NestedResNet, 
 # xdist's own order, by test count): the long ones first, so the workers finish
 # together instead of one waiting for another's last long file.
 # Fast loop (seconds in one process from a cold compile cache on a 2-core CPU:
-# 76, 22, 21, 21, 19, 18, 17, 16, 16, 15, 15, 14, 14, 13, 13, 11; the other files
-# take under 7 each):
+# 76, 22, 21, 21, 21, 19, 18, 17, 16, 16, 15, 15, 14, 13, 13, 11; the other files
+# take under 7 each; test_benchmark_harness.py's 21 timed alone, cold, once its
+# item-6 test came):
 COSTLIEST_FILES = (
     "test_steps.py", "test_configs.py", "test_step_costs.py", "test_data_workers.py",
-    "test_recalibration.py", "test_bad_input.py", "test_train.py", "test_resnet.py",
-    "test_reliability.py", "test_cost_table.py", "test_experiments.py", "test_fsdp.py",
-    "test_benchmark_harness.py", "test_export.py", "test_launch.py", "test_nesting.py")
+    "test_benchmark_harness.py", "test_recalibration.py", "test_bad_input.py",
+    "test_train.py", "test_resnet.py", "test_reliability.py", "test_cost_table.py",
+    "test_experiments.py", "test_fsdp.py", "test_export.py", "test_launch.py",
+    "test_nesting.py")
 # With the slow tests (`-m ""`, what CI runs; seconds per file on one of 2 workers
 # from a cold cache, AMD EPYC, 2026-12-01: 421, 168, 148, 113, 83, 80, 67, 54, 53,
-# 49, 30, 25, 24, 23, 23, 22, 21, 19; the other files under 15 each). In the fast
-# order test_multiprocess.py, test_command_line_fuzz.py and test_gcs_workdir.py
-# (all slow) came last: the run took 833 s where half its test time was 742 s.
+# 49, 30, 25, 24, 23, 23, 22, 21, 21 (test_benchmark_harness.py, timed alone), 19;
+# the other files under 15 each). In the fast order test_multiprocess.py,
+# test_command_line_fuzz.py and test_gcs_workdir.py (all slow) came last: the run
+# took 833 s where half its test time was 742 s.
 COSTLIEST_FILES_WITH_SLOW = (
     "test_configs.py", "test_multiprocess.py", "test_fsdp.py", "test_command_line_fuzz.py",
     "test_steps.py", "test_data_workers.py", "test_gcs_workdir.py", "test_reliability.py",
     "test_launch.py", "test_train.py", "test_cost_table.py", "test_benchmarks.py",
     "test_experiments.py", "test_bad_input.py", "test_mixed_precision.py",
-    "test_step_costs.py", "test_export.py", "test_recalibration.py")
+    "test_step_costs.py", "test_export.py", "test_benchmark_harness.py",
+    "test_recalibration.py")
 
 
 @pytest.hookimpl(trylast=True)  # after `-m` has deselected: order what runs
