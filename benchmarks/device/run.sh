@@ -8,8 +8,8 @@
 # Both by default, steps first: they are what no CPU run can give. Each stage
 # has its own time limit (STEPS_S, HARNESS_S seconds) and writes its files
 # after every part it finishes, so a stage cut short keeps what it measured.
-# Results and logs go to $OUT (the device tool brings them back), else
-# benchmarks/results/.
+# Results and logs go to $OUT (the device tool brings them back, 8 files at
+# most: this writes 7), else benchmarks/results/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-benchmarks/results}
