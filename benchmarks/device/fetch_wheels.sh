@@ -31,8 +31,8 @@ PY
       --python-version "$PYTHON_VERSION" --implementation cp "${platforms[@]}" \
       -d "$DEST" "$pin" 2> /dev/null; then
     # No wheel on the index (promise is a source distribution): build a
-    # pure-Python one here. A package with compiled code would be wrong for the
-    # other machine, so only py3-none-any results are kept.
+    # pure-Python one here. One with compiled code would be built for this
+    # machine's Python, not the device's: the check below refuses it.
     "$PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w "$DEST" "$pin"
   fi
 done
