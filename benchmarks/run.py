@@ -351,12 +351,13 @@ def schedule_loop(run: train.Run, state, schedule: list[str]) -> float:
   return time.perf_counter() - start
 
 
-def _read(loss: jax.Array) -> float:
+def read_loss(loss: jax.Array) -> float:
+  """One loss to the host, as the real loop reads it (blocks until its step is done)."""
   return float(np.asarray(loss))
 
 
 def reading_loop(run: train.Run, state, schedule: list[str], lag: int,
-                 take: Callable[[jax.Array], Any] = _read) -> float:
+                 take: Callable[[jax.Array], Any] = read_loss) -> float:
   """``schedule_loop`` that also reads each batch's loss ``lag`` batches late,
   as the real loop must: the least any loop that reads losses can cost.
   ``take``: done with each loss instead of reading it (benchmarks/loop_reads.py
