@@ -49,13 +49,18 @@ def wants_traceback() -> bool:
   return flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].value >= 1
 
 
+def report(message: str, error: BaseException | None = None) -> None:
+  """Prints ``error: <message>`` on one line, after ``error``'s traceback when asked for."""
+  if error is not None and wants_traceback():
+    traceback.print_exception(error)
+  print(f"error: {one_line(message)}", file=sys.stderr)
+
+
 def fail(message: str, error: BaseException | None = None) -> NoReturn:
   """Prints ``error: <message>`` (after ``error``'s traceback, when asked for) and
   exits with status 2, at once, skipping the interpreter's clean-up, for an
   error whose ``exit_at_once`` is true."""
-  if error is not None and wants_traceback():
-    traceback.print_exception(error)
-  print(f"error: {one_line(message)}", file=sys.stderr)
+  report(message, error)
   if getattr(error, "exit_at_once", False):
     # Device work that will never finish is in flight (a step the other
     # processes did not run): the interpreter's clean-up would wait on it.
@@ -88,10 +93,25 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(f"cannot load --config: {type(e).__name__}: {one_line(e)}", e)
 
 
-def run(main: Callable[[], None]) -> None:
+def run(main: Callable[[], None], *, end: Callable[[], bool] | None = None) -> None:
   """``app.run`` of ``main()``: refuses positional arguments, keeps libraries' absl
   logs below ERROR quiet unless ``--verbosity`` is given, reports a ``MotivationError`` in one line,
-  and a run stopped by a signal (``Preempted``) in one line with its status."""
+  and a run stopped by a signal (``Preempted``) in one line with its status.
+
+  ``end`` (``main``'s: ``distributed.end``) runs once ``main`` is done, on every
+  exit path but an abort (an error whose ``exit_at_once`` is true): after
+  success (0), an input error (2), a stop by a signal (143, 130), a bug (1, its
+  traceback printed first). Where it returns False (a peer of a multi-process
+  run never arrived) the process leaves at once with that same status,
+  skipping the interpreter's clean-up (JAX's would wait for the peer again).
+  """
+  def leave(status: int) -> NoReturn:
+    if end is not None and not end():
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(status)
+    sys.exit(status)
+
   def absl_main(argv):
     if len(argv) > 1:
       fail(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -107,8 +127,15 @@ def run(main: Callable[[], None]) -> None:
     try:
       main()
     except MotivationError as e:
-      fail(str(e), e)
+      if getattr(e, "exit_at_once", False):
+        fail(str(e), e)  # leaves at once: no process would meet this one at the end
+      report(str(e), e)
+      leave(2)
     except Preempted as e:  # checkpointed and closed: one line, the signal's status
       print(str(e), file=sys.stderr)
-      sys.exit(e.status)
+      leave(e.status)
+    except Exception:  # a bug: its traceback, as Python would print it
+      traceback.print_exc()
+      leave(1)
+    leave(0)
   app.run(absl_main, flags_parser=parse_flags)

@@ -19,16 +19,34 @@ processes:
 A plain single-process run calls nothing: no coordinator, no port. The flags are
 checked before JAX is imported, so a bad combination costs no start-up time.
 Importing this module imports no JAX.
+
+``end`` closes a multi-process run explicitly, after its last write: every
+process waits for the others at one barrier of the coordination service, then
+calls ``jax.distributed.shutdown()``, before Python's own exit begins. Left to
+JAX's ``atexit`` hook instead, the shutdown runs while the interpreter tears
+down the run's threads and the backend, and a shutdown barrier that fails
+there aborts every process (SIGABRT, status 134) after a run that succeeded;
+docs/reliability.md ("The end of a multi-process run") says what was seen and
+what a process does when a peer never arrives.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from typing import Sequence
 
 from motivation_jax.errors import ConfigError, TrainingError
 
 _ADDRESS = re.compile(r"^\S+:\d+$")
+# The coordination service's barrier that every process of a run meets at its end.
+END_BARRIER = "motivation_jax_end_of_run"
+# How long a process waits for the others there, and JAX's own shutdown barrier
+# (``shutdown_timeout_seconds``) after it: JAX's default.
+SHUTDOWN_TIMEOUT_S = 300
+# Whether ``initialize`` joined a multi-process run (a client whose connect
+# failed has no run to end).
+_started = False
 
 
 def check_flags(coordinator_address: str | None, num_processes: int | None,
@@ -74,14 +92,16 @@ def detected_cluster():
 
 
 def initialize(*, coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, local_device_ids: Sequence[int] | None = None
-               ) -> str | None:
+               process_id: int | None = None, local_device_ids: Sequence[int] | None = None,
+               shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S) -> str | None:
   """Joins the run's other processes if it has any; returns how (``"flags"`` or
   the detected cluster's name), or None for a single-process run.
 
   Must run before anything touches a JAX device (``main()`` calls it first).
   """
   explicit = check_flags(coordinator_address, num_processes, process_id, local_device_ids)
+  if shutdown_timeout_s < 1:
+    raise ConfigError(f"--shutdown_timeout_s must be >= 1, got {shutdown_timeout_s}")
   import jax
   if explicit:
     how, kwargs = "flags", dict(coordinator_address=coordinator_address,
@@ -105,8 +125,42 @@ def initialize(*, coordinator_address: str | None = None, num_processes: int | N
   if local_device_ids is not None:
     kwargs["local_device_ids"] = list(local_device_ids)
   try:
-    jax.distributed.initialize(**kwargs)
+    jax.distributed.initialize(shutdown_timeout_seconds=shutdown_timeout_s, **kwargs)
   except (RuntimeError, ValueError) as e:  # JaxRuntimeError is a RuntimeError
     first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise TrainingError(f"jax.distributed.initialize ({how}) failed: {first_line[:300]}") from e
+  global _started
+  _started = True
   return how
+
+
+
+def end(timeout_s: int = SHUTDOWN_TIMEOUT_S) -> bool:
+  """Ends this process's part of a multi-process run; returns whether it did.
+
+  Call it after the run's last write (final checkpoint, summary, writers
+  closed), on every exit path that is not an abort. Every process waits at
+  ``END_BARRIER`` for the others (at most ``timeout_s``), then shuts
+  ``jax.distributed`` down while the interpreter, its threads and the backend
+  are all still whole. Returns True at once where ``jax.distributed`` is not
+  running (a single process). Where a peer does not arrive in time, it prints
+  one ``warning:`` line and returns False without shutting down: the caller
+  must then leave with ``os._exit`` (``cli.run`` does), since JAX's own
+  shutdown at exit would wait for the missing peer as long again and then
+  abort the process.
+  """
+  from jax._src import distributed as jax_distributed
+  client = jax_distributed.global_state.client
+  if not _started or client is None:
+    return True
+  import jax
+  try:
+    client.wait_at_barrier(END_BARRIER, timeout_s * 1000)
+  except Exception as e:  # a JaxRuntimeError: the barrier timed out or failed
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    print(f"warning: not every process of this run reached its end within {timeout_s} s "
+          f"({first_line[:200]}); this process leaves without shutting jax.distributed "
+          "down (--shutdown_timeout_s sets the wait)", file=sys.stderr)
+    return False
+  jax.distributed.shutdown()
+  return True

@@ -7,7 +7,10 @@ Several processes (hosts, or GPUs) form one run through ``jax.distributed``: on
 TPU VMs, SLURM and Kubernetes JAX finds the processes itself; any other
 launcher gives ``--coordinator_address``, ``--num_processes`` and
 ``--process_id`` (``motivation_jax.distributed``; launch/ has a script per
-platform). Every process gets the same flags but ``--process_id``.
+platform). Every process gets the same flags but ``--process_id``. A
+multi-process run ends explicitly: once its last file is written, on every exit
+path but an abort, the processes meet and shut ``jax.distributed`` down
+(``distributed.end``, at most ``--shutdown_timeout_s`` of waiting).
 """
 
 from absl import flags
@@ -30,6 +33,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None,
 _LOCAL_DEVICE_IDS = flags.DEFINE_list(
     "local_device_ids", None, "Comma-separated ids of the local devices this process uses "
     "(default: all it sees; on SLURM, one GPU per task).")
+_SHUTDOWN_TIMEOUT_S = flags.DEFINE_integer(
+    "shutdown_timeout_s", distributed.SHUTDOWN_TIMEOUT_S,
+    "In a multi-process run: how long a finished process waits for the others at the end "
+    "before it leaves anyway, and JAX's own shutdown barrier.")
 
 
 def main() -> None:
@@ -48,11 +55,17 @@ def main() -> None:
   # Before any JAX device exists: jax.distributed must start first.
   distributed.initialize(coordinator_address=_COORDINATOR_ADDRESS.value,
                          num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
-                         local_device_ids=local_device_ids)
+                         local_device_ids=local_device_ids,
+                         shutdown_timeout_s=_SHUTDOWN_TIMEOUT_S.value)
   from motivation_jax import train  # after flag parsing: importing JAX takes a moment
   summary = train.train_and_evaluate(config, _WORKDIR.value)
   print(train.format_summary(summary))
 
 
+def end() -> bool:
+  """After the run's last write: ``distributed.end`` (nothing for one process)."""
+  return distributed.end(_SHUTDOWN_TIMEOUT_S.value)
+
+
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, end=end)
