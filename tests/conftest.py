@@ -23,8 +23,13 @@ inherited by the subprocesses tests start:
   warns and compiles instead.
 """
 
+import contextlib
 import functools
+import json
 import os
+import signal
+import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,6 +106,69 @@ def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(COSTLIEST_FILES_WITH_SLOW if slow
                                                else COSTLIEST_FILES)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
+
+
+def run_launcher(args, *, timeout, env=None):
+  """Runs a command in its own process group; on a timeout kills the group (the
+  launcher and every process it started) and fails."""
+  proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    out, err = proc.communicate()
+    pytest.fail(f"{' '.join(args)} did not finish within {timeout} s (a hang?)\n"
+                f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}", pytrace=False)
+  return proc.returncode, out, err
+
+
+@contextlib.contextmanager
+def cpu_load(processes: int = 1):
+  """Busy processes beside the test (each keeps a core busy until the block ends)."""
+  burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+             for _ in range(processes)]
+  try:
+    yield
+  finally:
+    for burner in burners:
+      burner.kill()
+      burner.wait()
+
+
+# A 2-process run of launch/local.sh that costs little besides starting and
+# ending: a small MLP pair on digits (22 batches an epoch), a checkpoint each epoch.
+SMALL_MLP = ["--config.model.name=mlp", "--config.model.base={'widths': (16,)}",
+             "--config.model.motivated={'widths': (32,)}"]
+
+
+def two_process_run(workdir: str, log_dir: str, *, epochs: int = 2, timeout: int = 300):
+  """``launch/local.sh 2`` of configs/default.py with ``SMALL_MLP``;
+  returns (status, process 0's stdout, its stderr, process 1's log)."""
+  status, out, err = run_launcher(
+      ["bash", os.path.join(ROOT, "launch", "local.sh"), "2",
+       f"--config={os.path.join(ROOT, 'configs', 'default.py')}", f"--workdir={workdir}",
+       f"--config.num_epochs={epochs}", "--config.checkpoint_every_epochs=1",
+       "--config.progress_bar=False", *SMALL_MLP],
+      timeout=timeout, env={"LOG_DIR": log_dir, "PYTHON": sys.executable})
+  path = os.path.join(log_dir, "process_1.log")
+  process_1 = open(path).read() if os.path.exists(path) else ""
+  return status, out, err, process_1
+
+
+def check_two_process_run(status, out, err, process_1, *, workdir_files):
+  """Both processes exited 0 after the explicit end; process 0 alone wrote the
+  summary, once; each printed its table once."""
+  assert status == 0, out[-2000:] + err[-3000:] + process_1[-3000:]
+  for text in (err, process_1):
+    assert "Fatal Python error" not in text and "Aborted" not in text, text[-3000:]
+    assert "warning: not every process" not in text, text[-3000:]
+  for text in (out, process_1):
+    assert text.count("training FLOPs:") == 1, text[-3000:]
+  summary = json.loads(workdir_files("summary.json"))
+  decisions = workdir_files("decisions.jsonl").splitlines()
+  assert len(decisions) == summary["base_steps"] + summary["motivated_steps"]
 
 
 def load_script(path: str):

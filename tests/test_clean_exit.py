@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, check_two_process_run, cpu_load, two_process_run
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "end_worker.py")
 
@@ -76,3 +76,13 @@ def test_a_process_whose_peer_never_arrives_leaves_after_the_timeout_with_its_st
       "warning: not every process of this run reached its end within 3 s"), err[-3000:]
   assert "Fatal" not in err and "Traceback" not in err, err[-3000:]
   assert waited < 60, waited  # not JAX's 300 s shutdown barrier
+
+
+@pytest.mark.slow  # three 2-process runs beside a busy process: about 60 s
+def test_two_process_runs_under_load_exit_0_with_their_summary_once(tmp_path):
+  with cpu_load():
+    for i in range(3):
+      workdir = tmp_path / f"run_{i}"
+      result = two_process_run(str(workdir), str(tmp_path / f"logs_{i}"))
+      check_two_process_run(*result, workdir_files=lambda name: (workdir / name).read_text())
+      assert sorted(os.listdir(workdir / "checkpoints")) == ["22", "44"]

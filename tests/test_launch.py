@@ -20,7 +20,7 @@ import yaml
 from motivation_jax import agreement, distributed
 from motivation_jax.errors import ConfigError
 
-from conftest import ROOT, xla_flags
+from conftest import ROOT, SMALL_MLP, run_launcher, xla_flags
 
 LAUNCH = os.path.join(ROOT, "launch")
 LOCAL = os.path.join(LAUNCH, "local.sh")
@@ -30,22 +30,6 @@ CONFIG = os.path.join(ROOT, "configs", "default.py")
 # Small and fast: digits, 22 batches per epoch; the default condition
 # (loss_streak) fires in the first epochs, so both step kinds run.
 FAST = ["--config.progress_bar=False"]
-
-
-def run_launcher(args, *, timeout, env=None):
-  """Runs a command in its own process group; on a timeout kills the group (the
-  launcher and every process it started) and fails."""
-  proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})},
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True)
-  try:
-    out, err = proc.communicate(timeout=timeout)
-  except subprocess.TimeoutExpired:
-    os.killpg(proc.pid, signal.SIGKILL)
-    out, err = proc.communicate()
-    pytest.fail(f"{' '.join(args)} did not finish within {timeout} s (a hang?)\n"
-                f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}", pytrace=False)
-  return proc.returncode, out, err
 
 
 def error_lines(text):
@@ -221,13 +205,9 @@ def test_the_flip_hook_is_read_only_when_set(monkeypatch):
     agreement._test_flip()
 
 
-# A small MLP pair: the run stops at batch 3, so compiling is most of its cost,
-# and the decision check does not depend on the model.
-SMALL_MLP = ["--config.model.name=mlp", "--config.model.base={'widths': (16,)}",
-             "--config.model.motivated={'widths': (32,)}"]
-
-
 def test_a_process_that_decides_differently_stops_the_run_in_one_line(tmp_path):
+  # SMALL_MLP: the run stops at batch 3, so compiling is most of its cost, and
+  # the decision check does not depend on the model.
   status, out, err = run_launcher(
       ["bash", LOCAL, "2", f"--config={CONFIG}", f"--workdir={tmp_path}/w",
        "--config.num_epochs=1", *FAST, *SMALL_MLP],
