@@ -187,6 +187,9 @@ class _LocalStore:
       mtime = os.stat(self.path).st_mtime
     except FileNotFoundError:
       return None, None
+    except IsADirectoryError:
+      raise ConfigError(f"{self.path} is a folder, not a file: a run writes its lease there; "
+                        "move it away or pick another --workdir") from None
     try:
       record = json.loads(text)
       return record, record["token"]

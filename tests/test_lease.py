@@ -294,31 +294,25 @@ def launch_two(workdir, logs) -> subprocess.CompletedProcess:
                         env={**os.environ, "LOG_DIR": str(logs)})
 
 
-@pytest.mark.slow  # two processes start twice, and train one epoch: about 40 s
-def test_a_two_process_run_shares_one_lease_and_refuses_as_one(tmp_path):
+@pytest.mark.slow  # two processes start and stop: about 20 s
+def test_a_two_process_run_on_a_busy_workdir_refuses_on_every_process(tmp_path):
   """Process 0 takes the lease and tells the others: on a busy workdir every
-  process refuses with the same line (none waits for the others); on a free
-  one they train together, process 1 is not refused by process 0's lease, and
-  process 0 releases it at the end."""
+  process refuses with the same line, and none waits for the others. (That
+  the processes of one run do not refuse each other, every multi-process run
+  in the suite shows: test_launch.py, test_multiprocess.py and
+  test_gcs_workdir.py start two processes on one workdir and need status 0,
+  or the decision check's line, from both.)"""
   workdir = tmp_path / "two"
   fake_lease(workdir)
   before = listing(workdir)
-  refused = launch_two(workdir, tmp_path / "refused")
+  refused = launch_two(workdir, tmp_path / "logs")
   assert refused.returncode == 2, refused.stderr[-3000:]
-  process_1 = (tmp_path / "refused" / "process_1.log").read_text()
+  process_1 = (tmp_path / "logs" / "process_1.log").read_text()
   for text in (refused.stderr, process_1):
     errors = [l for l in text.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in text, text[-3000:]
     assert errors[0].startswith(f"error: {workdir} is in use by another run: run theirs ")
   assert listing(workdir) == before
-
-  (workdir / lease.FILE).unlink()
-  result = launch_two(workdir, tmp_path / "logs")
-  assert result.returncode == 0, result.stderr[-3000:]
-  process_1 = (tmp_path / "logs" / "process_1.log").read_text()
-  assert "error:" not in result.stderr + process_1 and "lease" not in process_1
-  assert json.loads((workdir / "summary.json").read_text())["resumed_from_step"] == 0
-  assert not (workdir / lease.FILE).exists()  # released by process 0
 
 
 # --- experiments and export -----------------------------------------------------------
