@@ -189,7 +189,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, steps.T
   both step kinds (which also gives their FLOPs).
 
   Takes the workdir's lease before anything is written there, and refuses a
-  workdir another run holds (``lease.WorkdirInUse``); the run holds it until
+  workdir another run holds (``errors.WorkdirInUse``); the run holds it until
   ``Run.close`` (or the end of the process)."""
   check_config(config)
   check_workdir(workdir)  # a local directory, or a bucket URL (motivation_jax.files)
