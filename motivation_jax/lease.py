@@ -227,13 +227,17 @@ class _LocalStore:
       os.remove(tmp)
     return json.loads(text)["token"]
 
+  def _marker(self, version: Any) -> str:
+    """The takeover marker of the lease of ``version``."""
+    name = (f"unreadable-{int(version[1] * 1e6)}" if isinstance(version, tuple)
+            else str(version))
+    return os.path.join(self.directory, TAKEOVER + name)
+
   def take_over(self, stale_version: Any, text: str) -> Any | None:
     """Replaces the stale lease of version ``stale_version`` if no other run
     does first: only one run can create its takeover marker."""
-    name = (f"unreadable-{int(stale_version[1] * 1e6)}" if isinstance(stale_version, tuple)
-            else stale_version)
     try:
-      with open(os.path.join(self.directory, TAKEOVER + name), "x") as f:
+      with open(self._marker(stale_version), "x") as f:
         f.write(text)
     except FileExistsError:
       return None
@@ -242,22 +246,26 @@ class _LocalStore:
 
   def renew(self, version: Any, text: str, displaced: Any = None) -> Any | None:
     """Rewrites the lease if it is still ours; None if another run has it."""
-    marker = os.path.join(self.directory, TAKEOVER + str(version))
+    marker = self._marker(version)
     _, current = self.read()
     # ``displaced``: the stale holder we took over from, which may have renewed
-    # once more before it noticed: put ours back.
-    if current not in (version, displaced) or os.path.exists(marker):
+    # once more before it noticed: put ours back. A lease that is gone is lost.
+    if current is None or current not in (version, displaced) or os.path.exists(marker):
       return None
     os.replace(self._temporary(text), self.path)
     return None if os.path.exists(marker) else version
 
   def delete(self, version: Any, displaced: Any = None) -> None:
     _, current = self.read()
-    if current == version:
-      os.remove(self.path)
-    if displaced is not None and not isinstance(displaced, tuple):
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(self.directory, TAKEOVER + str(displaced)))
+    if current != version:
+      return
+    os.remove(self.path)
+    # The markers of earlier takeovers (this run's, and those of runs killed
+    # after taking over) name leases that are gone.
+    for name in os.listdir(self.directory):
+      if name.startswith(TAKEOVER):
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(os.path.join(self.directory, name))
 
 
 class _BucketStore:
@@ -378,7 +386,8 @@ class Lease:
         return
       if version is None:
         current, _ = self._read_quietly()
-        self._lose("another run took it over" + (f": {describe(current)}" if current else ""))
+        self._lose(f"another run took it over: {describe(current)}" if current else
+                   f"{self.path} was removed")
         return
       self.record, self._version, self._last_renewal = record, version, record["renewed_at"]
 
