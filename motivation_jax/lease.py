@@ -435,8 +435,7 @@ class Lease:
     (by default: ends the process). For the parts of a run where nothing else
     catches SIGTERM (``train.setup``); single-process runs only, where no JAX
     preemption service owns the signal."""
-    if (jax.process_count() > 1
-        or threading.current_thread() is not threading.main_thread()):
+    if _multi_process() or threading.current_thread() is not threading.main_thread():
       yield
       return
 
@@ -559,6 +558,13 @@ def holder(workdir: str) -> dict | None:
 _VERDICT_BYTES = 4096
 
 
+def _multi_process() -> bool:
+  """Whether this process is one of several, without starting a JAX backend
+  (``jax.process_count()`` would: a run refused before it touches a device
+  should not start one)."""
+  return jax.distributed.is_initialized()
+
+
 def _broadcast(verdict: dict) -> dict:
   """Process 0's ``verdict`` on every process (a fixed-size byte array)."""
   data = np.zeros(_VERDICT_BYTES, np.uint8)
@@ -573,7 +579,7 @@ def acquire_for_run(workdir: str, *, ttl_s: float = DEFAULT_TTL_S) -> Lease | Fo
   """``acquire`` for a run of any number of processes: process 0 takes the
   lease, and every process gets the same outcome (the others a ``Follower``
   of the same run id, or the same ``WorkdirInUse``)."""
-  if jax.process_count() == 1:
+  if not _multi_process() or jax.process_count() == 1:
     return acquire(workdir, ttl_s=ttl_s)
   held, verdict, error = None, {}, None
   if jax.process_index() == 0:
