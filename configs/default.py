@@ -108,6 +108,12 @@ def get_config() -> ml_collections.ConfigDict:
   # run stops with one line (docs/reliability.md).
   config.max_nonfinite_steps = 10
 
+  # One run per workdir: a run holds DIR/lease.json while it runs and renews it
+  # every lease_ttl_s / 4 seconds; a second run on DIR refuses, and takes the
+  # lease over only once its holder's process is gone (same host) or it was not
+  # renewed for lease_ttl_s (docs/reliability.md "One run per workdir").
+  config.lease_ttl_s = 60.0
+
   # Logging, evaluation and checkpoints.
   config.log_every_steps = 50
   config.eval_every_epochs = 1

@@ -14,6 +14,10 @@ class ConfigError(MotivationError, ValueError):
   """A config value that does not exist or does not make sense."""
 
 
+class WorkdirInUse(ConfigError):
+  """Another run holds the workdir's lease (``motivation_jax.lease``)."""
+
+
 class NestingError(MotivationError, ValueError):
   """The base network is not nested in the motivated network."""
 

@@ -21,11 +21,17 @@ Loading needs the model's module and flax, not the training code::
   logits = model.apply(variables, (images - mean) / std)
 
 ``motivation_jax.models.load_exported(OUT)`` does exactly that.
+
+Export reads a workdir without taking its lease (``motivation_jax.lease``), so
+it may run beside the training run; it refuses a checkpoint that run is still
+writing, and says so when that run removed the one it was reading (a run keeps
+its two newest checkpoints).
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +39,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import flags
 
-from motivation_jax import checkpoint, cli, files, models, nesting, steps
+from motivation_jax import checkpoint, cli, files, lease, models, nesting, steps
 from motivation_jax.common import SUBNETS
 from motivation_jax.errors import CheckpointError, ConfigError
 
@@ -56,6 +62,8 @@ def export_run(workdir: str, subnet: str, out: str, *, step: int | None = None) 
                           f"python -m motivation_jax.main --workdir={workdir} ...")
   ckpt = checkpoint.Checkpointer(directory)
   try:
+    if step is not None:
+      _refuse_a_checkpoint_being_written(workdir, ckpt, step)
     config_dict, dataset, step = ckpt.restore_description(step)
     config = ml_collections.ConfigDict(config_dict)
     # A checkpoint older than config.dtype trained in float32.
@@ -67,9 +75,18 @@ def export_run(workdir: str, subnet: str, out: str, *, step: int | None = None) 
     optimizer = steps.make_optimizer(config, total_steps=1, steps_per_epoch=1)
     abstract = steps.abstract_train_state(model, optimizer, sample,
                                           batch_norm_stats=config.model.batch_norm_stats)
-    state = ckpt.restore(abstract, step)[0]
-    eval_stats = ckpt.restore_eval_stats(
-        {s: abstract.subnet_stats(s) for s in SUBNETS}, step)
+    try:
+      state = ckpt.restore(abstract, step)[0]
+      eval_stats = ckpt.restore_eval_stats(
+          {s: abstract.subnet_stats(s) for s in SUBNETS}, step)
+    except CheckpointError as e:
+      held = lease.holder(workdir)
+      if held is None or files.exists(files.join(directory, str(step))):
+        raise
+      raise CheckpointError(
+          f"the checkpoint at {directory}/{step} was removed while it was read, by the run "
+          f"still training in {workdir} ({lease.describe(held)}; it keeps its two newest "
+          "checkpoints): export again, or once that run has ended") from e
   finally:
     ckpt.close()
   variables = state.variables(subnet)
@@ -98,6 +115,23 @@ def export_run(workdir: str, subnet: str, out: str, *, step: int | None = None) 
   checkpointer.wait_until_finished()
   files.write_text(files.join(out, "model.json"), json.dumps(spec, indent=2))
   return spec
+
+
+def _refuse_a_checkpoint_being_written(workdir: str, ckpt: checkpoint.Checkpointer,
+                                       step: int) -> None:
+  """A ``CheckpointError`` when checkpoint ``step`` is not finished (a
+  ``<step>.orbax-checkpoint-tmp*`` folder, or on a bucket a ``<step>`` folder
+  without its commit) and a live run holds the workdir: it is writing it now."""
+  if step in ckpt.manager.all_steps():
+    return
+  started = any(re.match(rf"^{step}(\.orbax-checkpoint-tmp|$)", name)
+                for name in files.list_dir(ckpt.directory))
+  held = lease.holder(workdir) if started else None
+  if held is not None:
+    raise CheckpointError(
+        f"the checkpoint of batch {step} in {ckpt.directory} is being written by the run "
+        f"training in {workdir} ({lease.describe(held)}): export it once that save has "
+        "finished, or export a finished one (without --step: the newest)")
 
 
 def main() -> None:

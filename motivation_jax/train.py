@@ -34,8 +34,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from motivation_jax import (agreement, checkpoint, config_lib, data, files, models, nesting,
-                            recalibration, sharding, steps)
+from motivation_jax import (agreement, checkpoint, config_lib, data, files, lease, models,
+                            nesting, recalibration, sharding, steps)
 from motivation_jax.controller import Controller
 from motivation_jax.errors import ConfigError, Preempted, TrainingError
 from motivation_jax.metrics import MetricWriter, cut_jsonl, finite_json
@@ -54,6 +54,7 @@ _CHECKS = {
     "bn_recalibration_batches": (int, "an integer >= 0", lambda v: v >= 0),
     "max_nonfinite_steps": (int, *_AT_LEAST_1),
     "learning_rate": (float, "a finite number > 0", lambda v: v > 0),
+    "lease_ttl_s": (float, "a finite number > 0", lambda v: v > 0),
     "momentum": (float, "a number in [0, 1)", lambda v: 0 <= v < 1),
     "weight_decay": (float, *_NON_NEGATIVE), "warmup_epochs": (float, *_NON_NEGATIVE),
 }
@@ -93,7 +94,7 @@ def check_config(config) -> None:
 
 # What a run writes in its workdir: name -> whether it is a folder.
 WORKDIR_ENTRIES = {"checkpoints": True, "tensorboard": True, "decisions.jsonl": False,
-                   "metrics.jsonl": False, "summary.json": False}
+                   "metrics.jsonl": False, "summary.json": False, lease.FILE: False}
 
 
 def check_workdir(workdir: str) -> None:
@@ -151,6 +152,8 @@ class Run:
   order: dict[str, Callable[[steps.TrainState], steps.TrainState]]
   # The checkpoint's training metrics since its last log line ({"kind/name": [values]}).
   log_interval: dict = dataclasses.field(default_factory=dict)
+  # The workdir's lease (motivation_jax.lease), held from setup to close.
+  lease: lease.Lease | lease.Follower | None = None
 
   _eval_stats: tuple[int, dict | None] | None = None
 
@@ -171,17 +174,36 @@ class Run:
     per_epoch = self.train_data.steps_per_epoch
     return step % per_epoch == 0 and (step // per_epoch) % every_epochs == 0
 
-  def close(self) -> None:
-    self.ckpt.close()
-    self.writer.close()
+  def close(self, *, release_lease: bool = True) -> None:
+    try:
+      self.ckpt.close()
+      self.writer.close()
+    finally:
+      if release_lease and self.lease is not None:
+        self.lease.release()
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, steps.TrainState]:
   """A run and its state: initialised, or restored from the latest checkpoint in
   ``workdir``. Refuses bad input in one line before any training, and compiles
-  both step kinds (which also gives their FLOPs)."""
+  both step kinds (which also gives their FLOPs).
+
+  Takes the workdir's lease before anything is written there, and refuses a
+  workdir another run holds (``errors.WorkdirInUse``); the run holds it until
+  ``Run.close`` (or the end of the process)."""
   check_config(config)
   check_workdir(workdir)  # a local directory, or a bucket URL (motivation_jax.files)
+  held = lease.acquire_for_run(workdir, ttl_s=config.lease_ttl_s)
+  try:
+    with held.released_on_sigterm():  # train's StopRequest takes SIGTERM over later
+      return _setup(config, workdir, held)
+  except BaseException:
+    held.release()
+    raise
+
+
+def _setup(config: ml_collections.ConfigDict, workdir: str, held
+           ) -> tuple[Run, steps.TrainState]:
   dataset = data.get_dataset(config.dataset, config.data_dir,
                              mock_examples=config.mock_data_examples,
                              image_size=config.image_size)
@@ -248,7 +270,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, steps.T
             workdir=workdir, chief=chief, first_step=first_step,
             order=steps.make_order_converters(optimizer, wmap=wmap,
                                               state_sharding=state_sharding),
-            log_interval=log_interval)
+            log_interval=log_interval, lease=held)
   return run, state
 
 
@@ -282,7 +304,7 @@ def make_recalibrate(config, model, wmap: nesting.WeightsMap, dataset: data.Data
 SAFE_TO_CHANGE_ON_RESUME = (
     "num_epochs", "log_every_steps", "eval_every_epochs", "checkpoint_every_epochs",
     "bn_recalibration_batches", "eval_batch_size", "data_threads", "data_workers",
-    "data_dir", "progress_bar", "max_nonfinite_steps", "mesh.", "dtype")
+    "data_dir", "progress_bar", "max_nonfinite_steps", "mesh.", "dtype", "lease_ttl_s")
 _CHECKED_ELSEWHERE = ("motivation.", "seed", "batch_size")
 
 
@@ -675,6 +697,8 @@ def save(run: Run, state: steps.TrainState, pending: PendingMetrics, step: int) 
   mesh resumes it (a copy of the split leaves while it is written).
   """
   pending.flush()
+  if run.lease is not None:
+    run.lease.check()  # another run took the workdir over: write nothing more
   state = run.order["logical"](state)
   if not bool(_state_is_finite((state.params, state.batch_stats, state.opt_state))):
     last = run.ckpt.committed_step()
@@ -701,7 +725,22 @@ def save(run: Run, state: steps.TrainState, pending: PendingMetrics, step: int) 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains both sub-networks and returns the summary (also in workdir/summary.json)."""
   start_time = time.time()
-  run, state = setup(config, workdir)
+  run, state = setup(config, workdir)  # takes the workdir's lease
+  try:
+    summary, worse = _train_and_summarize(run, state, start_time)
+  finally:  # the end, an error, SIGTERM or SIGINT (Preempted, KeyboardInterrupt)
+    run.lease.release()
+  if worse:  # not a success, whatever was written: a scheduler must see it
+    raise TrainingError(f"the run ended, but {'; '.join(worse)}: training diverged; its "
+                        f"summary and last checkpoint are in {workdir}; lower "
+                        "config.learning_rate")
+  return summary
+
+
+def _train_and_summarize(run: Run, state: steps.TrainState, start_time: float
+                         ) -> tuple[dict[str, Any], list[str]]:
+  """``train``, then the summary, written to workdir/summary.json while the
+  run still holds its lease."""
   try:
     state, eval_metrics = train(run, state)
     if not eval_metrics:  # resumed at the end: nothing was trained or evaluated
@@ -712,24 +751,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # work that never finishes is in flight (the error's exit_at_once).
     if not getattr(e, "exit_at_once", False):
       try:
-        run.close()
+        run.close(release_lease=False)
       except Exception:  # the first error is the one to report
         pass
     raise
-  run.close()
+  run.close(release_lease=False)
   summary = summarize(run, eval_metrics, time.time() - start_time)
   worse = worse_than_guessing(run, eval_metrics)
   if worse:
     summary["diverged"] = [w.split()[1] for w in worse]
   if run.chief:
+    run.lease.check()
     written, bad = finite_json(summary)
-    files.write_text(files.join(workdir, "summary.json"), json.dumps(
+    files.write_text(files.join(run.workdir, "summary.json"), json.dumps(
         {**written, **({"non_finite": bad} if bad else {})}, indent=2, allow_nan=False))
-  if worse:  # not a success, whatever was written: a scheduler must see it
-    raise TrainingError(f"the run ended, but {'; '.join(worse)}: training diverged; its "
-                        f"summary and last checkpoint are in {workdir}; lower "
-                        "config.learning_rate")
-  return summary
+  return summary, worse
 
 
 def summarize(run: Run, eval_metrics: dict[str, float], wall_time_s: float) -> dict[str, Any]:

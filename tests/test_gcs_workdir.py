@@ -173,3 +173,103 @@ def test_two_processes_share_a_bucket_workdir_and_exit_0_under_load(emulator, tm
       assert sum(d["kind"] == "motivated" for d in decisions) == summary["motivated_steps"] > 0
       metrics = [json.loads(line) for line in _read(bucket, "metrics.jsonl").splitlines()]
       assert [m["epoch"] for m in metrics if "base/test_accuracy" in m] == [1, 2]
+
+
+def test_a_lease_on_a_bucket_is_taken_and_renewed_with_generation_preconditions(emulator):
+  """The lease object (motivation_jax.lease) on the emulator: created only if
+  absent (ifGenerationMatch=0), renewed and taken over only from the
+  generation read (ifGenerationMatch=N), so a stale holder cannot renew over
+  the run that took it over. (The emulator ignores the precondition on a
+  delete; Cloud Storage applies it, and release reads the generation first.)"""
+  from motivation_jax import files, lease
+  from motivation_jax.errors import TrainingError, WorkdirInUse
+
+  workdir = f"gs://{BUCKET}/lease_unit"
+  files.make_dirs(workdir)
+  path = files.join(workdir, lease.FILE)
+  now = time.time()
+  theirs = {"run_id": "theirs", "token": "t", "host": "elsewhere", "machine": "other/boot/ns",
+            "pid": 1, "processes": 1, "started_at": now - 100, "renewed_at": now,
+            "ttl_s": 60.0}
+  files.write_text(path, json.dumps(theirs))
+  with pytest.raises(WorkdirInUse, match=f"^{workdir} is in use by another run: run theirs"):
+    lease.acquire(workdir)
+  assert json.loads(files.read_text(path)) == theirs
+
+  files.write_text(path, json.dumps({**theirs, "renewed_at": now - 100}))  # stale
+  store = lease._BucketStore(workdir)
+  _, stale_generation = store.read()
+  warnings = []
+  held = lease.acquire(workdir, warn=warnings.append)
+  try:
+    assert len(warnings) == 1 and warnings[0].endswith(
+        "it was last renewed 100 s ago, more than its lease_ttl_s=60"), warnings
+    assert json.loads(files.read_text(path))["run_id"] == held.run_id
+    # The stale holder's renewal, from the generation it wrote, is refused.
+    assert store.renew(stale_generation, json.dumps(theirs)) is None
+    assert store.create(json.dumps(theirs)) is None  # so is a new lease
+    held.renew()
+    assert json.loads(files.read_text(path))["renewals"] == 1
+    assert held.lost is None
+    files.write_text(path, json.dumps(theirs))  # another run replaced it
+    held.renew()
+    assert held.lost and "another run took it over" in warnings[-1]
+    with pytest.raises(TrainingError, match="lost its lease"):
+      held.check()
+  finally:
+    held.release()
+  assert json.loads(files.read_text(path)) == theirs  # not deleted: not ours
+  files.path(path).unlink()
+  with lease.acquire(workdir) as held:
+    assert json.loads(files.read_text(path))["run_id"] == held.run_id
+  assert lease._BucketStore(workdir).read() == (None, None)
+
+
+def _objects(prefix: str) -> dict[str, int]:
+  """The bucket's objects under ``prefix``, name -> generation, asked of the
+  emulator itself (gcsfs caches listings)."""
+  from google.cloud import storage
+  return {b.name[len(prefix):]: b.generation
+          for b in storage.Client().list_blobs(BUCKET, prefix=prefix)}
+
+
+@pytest.mark.slow  # a run in its own process on the bucket, and the same run locally: ~20 s
+def test_a_second_run_on_a_busy_bucket_workdir_refuses_and_the_first_is_undisturbed(
+    emulator, tmp_path):
+  import signal
+
+  from motivation_jax import files, lease, train
+  from motivation_jax.errors import WorkdirInUse
+  from test_train import small_config
+
+  bucket = f"gs://{BUCKET}/busy"
+  worker = os.path.join(ROOT, "tests", "reliability_worker.py")
+  first = subprocess.Popen(
+      [sys.executable, worker, json.dumps({"workdir": bucket, "report_batches": True,
+                                           "batch_sleep_s": 0.0})],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    for line in first.stdout:
+      if line.startswith("batch 5"):
+        first.send_signal(signal.SIGSTOP)
+        break
+    else:
+      pytest.fail(f"the run on the bucket ended early: {first.stderr.read()[-3000:]}")
+    held = files.read_text(files.join(bucket, lease.FILE))
+    assert json.loads(held)["pid"] == first.pid
+    before = _objects("busy/")
+    assert lease.FILE in before
+    with pytest.raises(WorkdirInUse, match=f"^{bucket} is in use by another run: run "):
+      train.train_and_evaluate(small_config(), bucket)
+    assert _objects("busy/") == before  # the second run wrote nothing
+  finally:
+    first.send_signal(signal.SIGCONT)
+  _, err = first.communicate(timeout=300)
+  assert first.returncode == 0, err[-3000:]
+  assert lease.FILE not in _objects("busy/")  # released at the end
+  local = tmp_path / "local"
+  train.train_and_evaluate(small_config(), str(local))
+  assert _read(bucket, "decisions.jsonl") == (local / "decisions.jsonl").read_text()
+  summaries = [{k: v for k, v in json.loads(text).items() if k != "wall_time_s"}
+               for text in (_read(bucket, "summary.json"), (local / "summary.json").read_text())]
+  assert summaries[0] == summaries[1]

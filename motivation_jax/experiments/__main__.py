@@ -54,6 +54,12 @@ def main() -> None:
     cli.fail(f"cannot load --config: {e}", e)
   arms = suite.check_arms(_ARMS.value)
   seeds = list(range(_SEEDS.value))
+  with suite.hold(config, _WORKDIR.value):  # one suite per directory, to its report
+    report_paths = _run_and_report(config, seeds, arms)
+  print("\n".join(["report:"] + [f"  {p}" for p in report_paths]))
+
+
+def _run_and_report(config, seeds: list[int], arms: tuple[str, ...]) -> list[str]:
   records = suite.run_suite(config, seeds, _WORKDIR.value, _ARMS.value)
   meta = {
       "config": config_flags.get_config_filename(flags.FLAGS["config"]),
@@ -63,8 +69,7 @@ def main() -> None:
       "command": "python -m motivation_jax.experiments " + shlex.join(sys.argv[1:]),
       "phase_steps": config.motivation.phase_steps,
   }
-  paths = report.write_report(report.build_report(records, meta), records, _WORKDIR.value)
-  print("\n".join(["report:"] + [f"  {p}" for p in paths]))
+  return report.write_report(report.build_report(records, meta), records, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,11 @@ Each run lives in ``DIR/<arm>-seed<seed>``. A run with a ``summary.json`` is
 finished and reused; one without resumes from its latest checkpoint; so an
 interrupted suite continues where it stopped. ``DIR/suite.json`` records the
 config, and a suite refuses to continue in a directory of another config.
+
+One suite per directory: the command holds the lease on ``DIR``
+(``motivation_jax.lease``) while it runs and writes the report, and each arm's
+run holds its own workdir's, as any run does; a second suite (or a run) on
+either refuses in one line.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from typing import Any, Callable, Iterable, Sequence
 import ml_collections
 import numpy as np
 
-from motivation_jax import config_lib, files, train
+from motivation_jax import config_lib, files, lease, train
 from motivation_jax.errors import ConfigError
 
 ARMS = ("base_alone", "motivated", "large_alone", "random_rate", "random_times")
@@ -124,16 +129,28 @@ def _suite_config(config: ml_collections.ConfigDict) -> dict:
   d = json.loads(config.to_json())
   d.pop("seed", None)
   d.pop("progress_bar", None)
+  d.pop("lease_ttl_s", None)  # how the runs guard their workdirs, not what they train
   return d
+
+
+def make_local_workdir(workdir: str) -> str:
+  """Makes the suite's directory, or refuses a URL."""
+  if files.is_url(workdir):  # its plots and report are written with matplotlib and open()
+    raise ConfigError(f"--workdir={workdir}: a suite needs a local directory (a single run's "
+                      "--workdir of motivation_jax.main may be a gs:// URL)")
+  os.makedirs(workdir, exist_ok=True)
+  return workdir
+
+
+def hold(config: ml_collections.ConfigDict, workdir: str) -> lease.Lease:
+  """The suite's lease on ``workdir`` (refuses a directory another suite holds)."""
+  return lease.acquire(make_local_workdir(workdir), ttl_s=config.lease_ttl_s, what="suite")
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Records the suite's config in ``workdir/suite.json``, or refuses a workdir
   that holds a suite of another config."""
-  if files.is_url(workdir):  # its plots and report are written with matplotlib and open()
-    raise ConfigError(f"--workdir={workdir}: a suite needs a local directory (a single run's "
-                      "--workdir of motivation_jax.main may be a gs:// URL)")
-  os.makedirs(workdir, exist_ok=True)
+  make_local_workdir(workdir)
   path, mine = os.path.join(workdir, "suite.json"), _suite_config(config)
   if os.path.exists(path):
     with open(path) as f:
