@@ -880,7 +880,7 @@ def check_reloads(spec: Mapping[str, Any], variables: Mapping[str, PyTree], samp
     raise ConfigError(f"the export could not be reloaded: {spec['module']}:{spec['class']}"
                       f"(**{spec['kwargs']}) fails ({type(e).__name__}: {e})") from e
   if spec.get("api") == "nnx":
-    _, params, stats = nnx.split(rebuilt, nnx.Param, nnx.BatchStat)[:3]
+    _, params, stats, _ = nnx.split(rebuilt, nnx.Param, nnx.BatchStat, ...)
     want = {"params": params.to_pure_dict(), "batch_stats": stats.to_pure_dict()}
   else:
     want = dict(jax.eval_shape(lambda x: rebuilt.init(jax.random.key(0), x), sample))
