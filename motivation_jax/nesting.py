@@ -48,6 +48,7 @@ from jax import lax
 
 from motivation_jax.common import check_subnet
 from motivation_jax.errors import NestingError
+from motivation_jax.models import paired as paired_lib
 
 PyTree = Any
 EXTENSION_INITS = ("default", "zero")
@@ -275,7 +276,6 @@ def paired(base, motivated, sample, **options):
   """Two configurations of one ordinary Linen module (or two NNX constructors,
   ``lambda rngs: Model(cfg, rngs=rngs)``) as one nested model, checked to nest:
   ``motivation_jax.models.paired.paired`` documents it."""
-  from motivation_jax.models import paired as paired_lib  # models import nesting's users
   return paired_lib.paired(base, motivated, sample, **options)
 
 
