@@ -113,7 +113,6 @@ def check_workdir(workdir: str) -> None:
 
 def build(config, dataset: data.Dataset):
   """Model, weights map and controller from a config, with one-line errors."""
-  sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
   try:
     # A user's own module (config.model.module) is checked to nest on a
     # random sample batch (models/paired.py).
@@ -127,6 +126,7 @@ def build(config, dataset: data.Dataset):
     controller = Controller.from_config(config.motivation)
   except ValueError as e:  # the controller's checks of its own config
     raise ConfigError(f"config.motivation: {e}") from e
+  sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
   wmap = nesting.weights_map(model, sample, subnet="motivated")
   return model, wmap, controller
 

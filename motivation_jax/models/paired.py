@@ -50,12 +50,23 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from motivation_jax.common import check_subnet
 from motivation_jax.errors import ConfigError, NestingError
 
 PyTree = Any
+
+
+class _LazyNNX:
+  """``flax.nnx``, imported when first used: it imports optax, and a deployed
+  Linen model (``models.load_exported``) loads without the training modules."""
+
+  def __getattr__(self, name):
+    from flax import nnx
+    return getattr(nnx, name)
+
+
+nnx = _LazyNNX()
 # Keywords of a module's __call__ that switch it between training and
 # evaluation: name -> whether it is True in training.
 TRAIN_ARGS = {"train": True, "training": True, "is_training": True,
@@ -411,8 +422,9 @@ def linen_spec(module: nn.Module) -> dict[str, Any] | None:
   return {"module": cls.__module__, "class": cls.__qualname__, "kwargs": kwargs}
 
 
-_CHECK_COMPILER = ({"xla_backend_optimization_level": 0}
-                   if jax.default_backend() == "cpu" else None)
+def _check_compiler():
+  # Asked when a check runs, not at import: that would start a JAX backend.
+  return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
 
 
 def _eval_apply(model: Paired, subnet: str, variables, sample):
@@ -422,7 +434,7 @@ def _eval_apply(model: Paired, subnet: str, variables, sample):
   if key not in model.__dict__:
     model.__dict__[key] = jax.jit(
         lambda v, x: model.apply(v, x, subnet=subnet, train=False),
-        compiler_options=_CHECK_COMPILER)
+        compiler_options=_check_compiler())
   return model.__dict__[key](variables, sample)
 
 
@@ -454,7 +466,7 @@ def _random_variables(model: Paired, sample):
   """The motivated model's variables at init, batch statistics made random too
   (means around 0, variances around 1) so that a wrong slice of them shows."""
   full = jax.jit(lambda x: model.init_module(model.motivated, jax.random.key(1), x),
-                 compiler_options=_CHECK_COMPILER)(sample)
+                 compiler_options=_check_compiler())(sample)
   rng = np.random.default_rng(0)
   if full.get("batch_stats"):
     full["batch_stats"] = jax.tree.map(
@@ -566,7 +578,7 @@ def _trace(model: Paired, module, variables, sample) -> list[_Call]:
         module.apply(dict(v), x, **model._mode(False))
       return arrays
 
-  arrays = jax.jit(run, compiler_options=_CHECK_COMPILER)(variables, sample)
+  arrays = jax.jit(run, compiler_options=_check_compiler())(variables, sample)
   for call, (inputs, outputs) in zip(calls, arrays):
     call.inputs, call.outputs = _arrays(inputs), _arrays(outputs)
   return calls
