@@ -69,7 +69,7 @@ def measure(trials: int = 15, steps_per_trial: int = 200, batch_size: int = 128)
   paired_step = steps.make_train_steps(model, optimizer, wmap=wmap, seed=SEED)["base"]
   state = steps.create_train_state(model, optimizer, jax.random.key(0), batch["image"])
   ordinary = _ordinary_step(small, optimizer)
-  variables = nesting.export(state.variables("base"), "base", wmap)
+  variables = jax.tree.map(jnp.copy, nesting.export(state.variables("base"), "base", wmap))
   opt_state = optimizer.init(variables["params"])
 
   def run_paired(n):
