@@ -194,7 +194,20 @@ class HeadSize(nn.Module):
                                            out_features=8, name="attn")(x, x).mean(1)
 
 
+class FusedQKV(nn.Module):
+  """GPT-2's layout: one [q|k|v] kernel, split along its output axis."""
+  heads: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape((x.shape[0], 8, -1))
+    q, k, v = jnp.split(nn.Dense(3 * 4 * self.heads, name="qkv")(x), 3, -1)
+    weights = jax.nn.softmax(jnp.einsum("btd,bsd->bts", q, k))
+    return nn.Dense(10, name="head")(jnp.einsum("bts,bsd->btd", weights, v).mean(1))
+
+
 @pytest.mark.parametrize("small,large,words", [
+    (FusedQKV(2), FusedQKV(4), "fused layout"),
     (AutoNamed((16,)), AutoNamed((32, 32)), "automatic names"),
     (UnderLayerNorm(16), UnderLayerNorm(32), "normalisation over features"),
     (PostLN(1), PostLN(2), "not the identity"),

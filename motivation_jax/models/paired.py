@@ -688,6 +688,21 @@ def _kind(small: _Call, large: _Call, small_calls, large_calls) -> str:
     return ("splits a kernel whose output is a fused [q|k|v] (or similar) along one axis: "
             "the base's leading slice of it is not its q, k and v (fused layout; lay it out "
             "per head, [..., heads, 3, head size], or use separate kernels)")
+  if _output_differs(small.inputs, large.inputs):
+    # Its input already differs, though every module before it agreed: the
+    # difference arose in code between modules, e.g. a split of a fused kernel.
+    before = small_calls[:small_calls.index(small)]
+    large_shapes = {c.path: c.shapes for c in large_calls}
+    for c in reversed(before):
+      kernel, other = c.shapes.get("kernel"), large_shapes.get(c.path, {}).get("kernel")
+      if kernel and other and kernel[-1] % 3 == 0 and other[-1] % 3 == 0 and kernel != other:
+        return (f"gets an input that differs although every module before it agrees: "
+                f"{_name(c.path)}'s output ({kernel[-1]} wide in the base, {other[-1]} in the "
+                "motivated model) is probably split as a fused [q|k|v] along one axis, whose "
+                "leading slice is not the base's q, k and v (fused layout; lay it out per "
+                "head, [..., heads, 3, head size], or use separate kernels)")
+    return ("gets an input that differs although every module before it agrees: what runs "
+            "between the modules (outside any submodule) does not nest")
   return "gives an output that is not the leading slice of the motivated model's"
 
 
