@@ -5,7 +5,6 @@
 from typing import Sequence
 
 import flax.linen as nn
-import jax.numpy as jnp
 from flax import nnx
 
 
@@ -106,8 +105,3 @@ class NNXTransformer(nnx.Module):
       x = x + self.dropout(b["ffn_out"](nnx.gelu(b["ffn_in"](b["ln2"](x)))))
     return self.head(self.ln(x).mean(1))
 
-
-def wide_mlp_under_layer_norm(width: int):
-  """A pair that does not nest: a width under LayerNorm (the README's table)."""
-  return nn.Sequential([lambda x: x.reshape((x.shape[0], -1)), nn.Dense(width), nn.LayerNorm(),
-                        nn.Dense(10)])

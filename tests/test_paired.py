@@ -1,7 +1,6 @@
 """Bring your own model: two configurations of an ordinary Linen or NNX module
 (examples/byom_models.py), paired, checked to nest, trained by the package's steps."""
 
-import os
 import sys
 
 import flax.linen as nn
@@ -14,7 +13,6 @@ import pytest
 from conftest import ROOT, make_batch
 from motivation_jax import nesting, recalibration, steps
 from motivation_jax.errors import ConfigError, NestingError
-from motivation_jax.models import paired as paired_lib
 
 sys.path.insert(0, ROOT)  # examples/ is not a package that is installed
 from examples import byom_models as user  # noqa: E402

@@ -1,12 +1,10 @@
 """A user's own module named by config.model.module: trained end to end, resumed
 exactly with dropout, exported and reloaded into the user's own class."""
 
-import json
 import os
 import shutil
 import sys
 
-import jax
 import numpy as np
 import pytest
 
