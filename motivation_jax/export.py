@@ -20,7 +20,12 @@ Loading needs the model's module and flax, not the training code::
   variables = orbax.checkpoint.StandardCheckpointer().restore("OUT/variables")
   logits = model.apply(variables, (images - mean) / std)
 
-``motivation_jax.models.load_exported(OUT)`` does exactly that.
+``motivation_jax.models.load_exported(OUT)`` does exactly that. A user's own
+module (``config.model.module``) is described by its class and keyword
+arguments, with ``api`` "linen" or "nnx" and the pair's ``nesting``; an NNX
+one reloads as an instance of the user's class holding the variables. An
+export that would not rebuild into that class with exactly these variables is
+refused before anything is written.
 
 Export reads a workdir without taking its lease (``motivation_jax.lease``), so
 it may run beside the training run; it refuses a checkpoint that run is still
@@ -41,6 +46,7 @@ from absl import flags
 
 from motivation_jax import checkpoint, cli, files, lease, models, nesting, steps
 from motivation_jax.common import SUBNETS
+from motivation_jax.models import paired as paired_lib
 from motivation_jax.errors import CheckpointError, ConfigError
 
 FORMAT = "motivation_jax.standalone/1"
@@ -67,9 +73,10 @@ def export_run(workdir: str, subnet: str, out: str, *, step: int | None = None) 
     config_dict, dataset, step = ckpt.restore_description(step)
     config = ml_collections.ConfigDict(config_dict)
     # A checkpoint older than config.dtype trained in float32.
-    model = models.build_model(config.model, dataset["num_classes"],
-                               dtype=config.get("dtype", "float32"))
     sample = jnp.zeros((1, *dataset["image_shape"]), jnp.float32)
+    model = models.build_model(config.model, dataset["num_classes"],
+                               dtype=config.get("dtype", "float32"),
+                               sample=_check_sample(config, dataset))
     wmap = nesting.weights_map(model, sample, subnet="motivated")
     # The optimizer's state layout (not its schedule) is what the restore needs.
     optimizer = steps.make_optimizer(config, total_steps=1, steps_per_epoch=1)
@@ -110,6 +117,8 @@ def export_run(workdir: str, subnet: str, out: str, *, step: int | None = None) 
       "source": {"workdir": files.resolve(workdir), "step": step,
                  "dataset": dataset["name"], "model": config.model.to_dict()},
   }
+  if "api" in spec:  # a user's own module: it must reload into the user's class
+    paired_lib.check_reloads(spec, variables, sample)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(files.join(files.resolve(out), "variables"), variables)
   checkpointer.wait_until_finished()
@@ -132,6 +141,13 @@ def _refuse_a_checkpoint_being_written(workdir: str, ckpt: checkpoint.Checkpoint
         f"the checkpoint of batch {step} in {ckpt.directory} is being written by the run "
         f"training in {workdir} ({lease.describe(held)}): export it once that save has "
         "finished, or export a finished one (without --step: the newest)")
+
+
+def _check_sample(config, dataset: dict):
+  """The batch ``train`` checked a user's module on (``train._check_sample``)."""
+  if not config.model.get("module"):
+    return None
+  return jax.random.normal(jax.random.key(config.seed), (8, *dataset["image_shape"]))
 
 
 def main() -> None:

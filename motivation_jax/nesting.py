@@ -24,6 +24,9 @@ divide in a per-device interleaved *storage order* (``Region.interleaved``,
 with its share of the base's rows, so ``base_view`` and ``merge_base``, given
 the leaves' shardings, read and write them locally, without moving anything.
 
+``paired(base, motivated, sample)`` makes a nested model of two
+configurations of a user's own module (``models/paired.py``).
+
 ``init_variables`` creates the one tree, optionally with the base's extensions
 starting at zero (``zero_extensions``). This module knows nothing about data or
 the training loop; ``opt_state_regions`` extends a params map to any optax
@@ -45,6 +48,7 @@ from jax import lax
 
 from motivation_jax.common import check_subnet
 from motivation_jax.errors import NestingError
+from motivation_jax.models import paired as paired_lib
 
 PyTree = Any
 EXTENSION_INITS = ("default", "zero")
@@ -229,16 +233,25 @@ def weights_map(model, *sample_args, **sample_kwargs) -> WeightsMap:
   ``NestingError`` naming the first leaf where the base does not fit inside the
   motivated model.
   """
-  def shapes(module):
+  def shapes(init):
     # The samples go in as arguments, so they may be arrays or ShapeDtypeStructs.
-    variables = jax.eval_shape(
-        lambda *args: module.init(jax.random.key(0), *args, **sample_kwargs), *sample_args)
-    return {col: flax.traverse_util.flatten_dict(tree) for col, tree in variables.items()}
+    variables = jax.eval_shape(lambda *args: init(jax.random.key(0), *args), *sample_args)
+    return {col: flax.traverse_util.flatten_dict(tree) if tree else {}
+            for col, tree in variables.items()}
 
-  full, base = shapes(model), shapes(model.standalone("base"))
+  # The standalone base is an ordinary module of its own size: it is
+  # initialised without ``subnet`` (a user's module takes none; the package's
+  # families default to their whole size). A paired model knows how to
+  # initialise its user's modules (``init_module``).
+  standalone = model.standalone("base")
+  own = {k: v for k, v in sample_kwargs.items() if k != "subnet"}
+  base_init = (functools.partial(model.init_module, standalone) if hasattr(model, "init_module")
+               else lambda rng, *args: standalone.init(rng, *args, **own))
+  full = shapes(lambda rng, *args: model.init(rng, *args, **sample_kwargs))
+  base = shapes(base_init)
   for col, leaves in base.items():
     for path, leaf in leaves.items():
-      name = "/".join((col, *path))
+      name = path_name((col, *path))
       if path not in full.get(col, {}):
         raise NestingError(f"{name} exists in the base but not in the motivated model; "
                            "the base is not nested")
@@ -257,6 +270,19 @@ def weights_map(model, *sample_args, **sample_kwargs) -> WeightsMap:
           in_base=inner is not None)
     regions[col] = flax.traverse_util.unflatten_dict(flat)
   return WeightsMap(regions)
+
+
+def paired(base, motivated, sample, **options):
+  """Two configurations of one ordinary Linen module (or two NNX constructors,
+  ``lambda rngs: Model(cfg, rngs=rngs)``) as one nested model, checked to nest:
+  ``motivation_jax.models.paired.paired`` documents it."""
+  return paired_lib.paired(base, motivated, sample, **options)
+
+
+def path_name(path: tuple) -> str:
+  """``params/layers/0/kernel``: a variable's path as one string (NNX's
+  ``nnx.List`` and ``nnx.bridge`` give integer keys)."""
+  return "/".join(map(str, path))
 
 
 def base_view(tree: PyTree, regions: PyTree, shardings: PyTree = None) -> PyTree:
@@ -391,7 +417,11 @@ def init_variables(model, rng: jax.Array, sample_input: jax.Array, *,
     options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
     init = jax.jit(init, compiler_options=options)
   variables = init(rng, sample_input)
-  if extension_init == "zero":
+  if extension_init == "zero" and hasattr(model, "zero_extensions"):
+    # A paired model knows each kernel's layout, and refuses where it cannot
+    # make the motivated model start as the base (models/paired.py).
+    variables = {**variables, "params": jax.jit(model.zero_extensions)(variables["params"])}
+  elif extension_init == "zero":
     wmap = weights_map(model, sample_input, subnet="motivated")
     zero = functools.partial(zero_extensions, params_regions=wmap.params,
                              last_layers=tuple(model.extension_last_layers))
@@ -423,7 +453,7 @@ def zero_extensions(params: PyTree, params_regions: PyTree,
   flat_regions = flax.traverse_util.flatten_dict(params_regions)
   flat = dict(flax.traverse_util.flatten_dict(params))
   for path, region in flat_regions.items():
-    x, name = flat[path], "/".join(path)
+    x, name = flat[path], path_name(path)
     if not region.in_base:
       if any(suffix(name, s) for s in last_layers):
         flat[path] = jax.numpy.zeros_like(x)

@@ -203,13 +203,37 @@ def _on_normalised_images(fn: Callable, normalisation: Normalisation | None) -> 
   return step
 
 
+# Folded into the seed before the batch index, so that the keys of the steps
+# differ from the initialisation's (``jax.random.key(seed)``).
+_STEP_RNG_TAG = 0x6d6a7278
+# The streams a model's train mode draws from, when it does not say
+# (``model.rng_streams``): Flax's name for dropout's.
+RNG_STREAMS = ("dropout",)
+
+
+def batch_rngs(seed: int, step: jax.Array, subnet: str,
+               streams: Sequence[str] = RNG_STREAMS) -> dict[str, jax.Array]:
+  """The keys a train step of ``subnet`` passes to ``model.apply(rngs=...)`` for
+  batch ``step``: a pure function of (seed, batch index, sub-network), so a
+  resumed run draws exactly what an uninterrupted one does, and nothing is
+  carried in the state. A model that draws nothing (no dropout) computes the
+  same with or without them: the keys are dead code XLA removes."""
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _STEP_RNG_TAG), step)
+  key = jax.random.fold_in(key, 0 if subnet == "base" else 1)
+  return {name: jax.random.fold_in(key, i) for i, name in enumerate(streams)}
+
+
+def _step_rngs(model, seed: int, step: jax.Array, subnet: str) -> dict[str, jax.Array]:
+  return batch_rngs(seed, step, subnet, getattr(model, "rng_streams", RNG_STREAMS))
+
+
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(
       logits.astype(jnp.float32), labels).mean()
 
 
 def _update(model, optimizer, loss_fn, subnet, params, batch_stats, opt_state, batch,
-            compute_sharding=None, to_logical=None, params_layout=None):
+            compute_sharding=None, to_logical=None, params_layout=None, rngs=None):
   """One ordinary optimizer step of ``subnet`` on the given (view or full) arrays.
 
   ``compute_sharding`` (replicated, when the state is split over devices): the
@@ -226,7 +250,7 @@ def _update(model, optimizer, loss_fn, subnet, params, batch_stats, opt_state, b
   optimizers that is right for).
 
   ``params_layout``: the parameters' shardings, if any (``keep_finite_update``
-  reads no split leaf)."""
+  reads no split leaf). ``rngs``: this batch's keys (``batch_rngs``)."""
   def objective(p):
     if compute_sharding is not None:
       p = jax.lax.with_sharding_constraint(p, compute_sharding)
@@ -234,7 +258,7 @@ def _update(model, optimizer, loss_fn, subnet, params, batch_stats, opt_state, b
       p = to_logical(p)
     variables = {"params": p, "batch_stats": batch_stats}
     logits, mutated = model.apply(variables, batch["image"], subnet=subnet, train=True,
-                                  mutable=["batch_stats"])
+                                  mutable=["batch_stats"], rngs=rngs)
     return loss_fn(logits, batch["label"]), (logits, mutated.get("batch_stats", {}))
 
   (loss, (logits, new_stats)), grads = jax.value_and_grad(objective, has_aux=True)(params)
@@ -302,10 +326,11 @@ def keep_finite_update(finite: jax.Array, new: tuple[PyTree, PyTree, PyTree],
 
 def motivated_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_fn,
                          wmap: nesting.WeightsMap | None = None,
-                         state_sharding: TrainState | None = None
+                         state_sharding: TrainState | None = None, seed: int = 0
                          ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One step of the motivated model on the whole state; ``state_sharding`` (and
-  ``wmap``, when it interleaves a leaf): as for ``base_train_step``."""
+  ``wmap``, when it interleaves a leaf): as for ``base_train_step``; ``seed``:
+  as for ``make_train_steps``."""
   to_logical = None
   if stored_order(state_sharding, wmap) == "storage":
     _check_order(state, "storage")
@@ -314,7 +339,8 @@ def motivated_train_step(state: TrainState, batch: Batch, *, model, optimizer, l
   params, batch_stats, opt_state, metrics = _update(
       model, optimizer, loss_fn, "motivated", state.params, state.subnet_stats("motivated"),
       state.opt_state, batch, _compute_sharding(state_sharding), to_logical,
-      None if state_sharding is None else state_sharding.params)
+      None if state_sharding is None else state_sharding.params,
+      _step_rngs(model, seed, state.step, "motivated"))
   return state.replace(step=state.step + 1, params=params,
                        batch_stats=state.with_subnet_stats("motivated", batch_stats),
                        opt_state=opt_state), metrics
@@ -322,8 +348,8 @@ def motivated_train_step(state: TrainState, batch: Batch, *, model, optimizer, l
 
 def base_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_fn,
                     wmap: nesting.WeightsMap, opt_regions: PyTree,
-                    advance_step: bool = True, state_sharding: TrainState | None = None
-                    ) -> tuple[TrainState, dict[str, jax.Array]]:
+                    advance_step: bool = True, state_sharding: TrainState | None = None,
+                    seed: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One step of the base on its view; ``advance_step=False`` leaves the batch
   counters (``state.step`` and the optimizer's non-parameter-shaped state, i.e.
   its update count) to a step that follows on the same batch.
@@ -345,7 +371,7 @@ def base_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_f
       nesting.base_view(state.params, wmap.params, params_layout),
       nesting.base_view(stats, stats_regions, stats_layout),
       nesting.base_view(state.opt_state, opt_regions, opt_layout), batch,
-      _compute_sharding(state_sharding))
+      _compute_sharding(state_sharding), rngs=_step_rngs(model, seed, state.step, "base"))
   params = nesting.merge_base(state.params, params, wmap.params, params_layout)
   # The moments are overwritten only after the parameter update has read them
   # (nesting.write_after: otherwise XLA copies each one first).
@@ -392,14 +418,14 @@ def _compute_sharding(state_sharding: TrainState | None):
 
 def both_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_fn,
                     wmap: nesting.WeightsMap, opt_regions: PyTree,
-                    state_sharding: TrainState | None = None):
+                    state_sharding: TrainState | None = None, seed: int = 0):
   """Policy ``both``: a base step, then a motivated step, on the same batch.
 
   The two updates share one position of the learning-rate schedule: the base
   half does not advance the optimizer's count, so the schedule stays indexed by
   the global batch count under either policy.
   """
-  deps = dict(model=model, optimizer=optimizer, loss_fn=loss_fn)
+  deps = dict(model=model, optimizer=optimizer, loss_fn=loss_fn, seed=seed)
   before = state
   state, base_metrics = base_train_step(state, batch, wmap=wmap, opt_regions=opt_regions,
                                         advance_step=False, state_sharding=state_sharding,
@@ -421,7 +447,8 @@ def make_train_steps(model, optimizer: optax.GradientTransformation, *,
                      loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy_loss,
                      policy: str = "switch", jit: bool = True,
                      state_sharding: PyTree = None, batch_sharding: PyTree = None,
-                     normalisation: Normalisation | None = None) -> dict[str, Callable]:
+                     normalisation: Normalisation | None = None,
+                     seed: int = 0) -> dict[str, Callable]:
   """Builds the base and motivated train steps.
 
   Args:
@@ -445,6 +472,9 @@ def make_train_steps(model, optimizer: optax.GradientTransformation, *,
       already normalised and used as it is, so batches from your own pipeline
       work unchanged; without ``normalisation`` a uint8 batch is refused.
       Each dtype is its own compiled program.
+    seed: the RNG a model's train mode draws from (dropout): batch ``t``'s keys
+      are ``batch_rngs(seed, t, subnet)``, passed as ``model.apply(rngs=...)``
+      for the streams ``model.rng_streams`` names (default ``RNG_STREAMS``).
 
   Returns:
     ``{"base": fn, "motivated": fn}`` with ``fn(state, batch) -> (state, metrics)``.
@@ -452,7 +482,7 @@ def make_train_steps(model, optimizer: optax.GradientTransformation, *,
   if policy not in POLICIES:
     raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
   opt_regions = nesting.opt_state_regions(optimizer, wmap.params)
-  deps = dict(model=model, optimizer=optimizer, loss_fn=loss_fn)
+  deps = dict(model=model, optimizer=optimizer, loss_fn=loss_fn, seed=seed)
   # Per-leaf shardings (not one sharding for the whole state) reach the base
   # step, whose slices of split leaves need them.
   layout = state_sharding if isinstance(state_sharding, TrainState) else None

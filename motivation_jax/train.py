@@ -115,9 +115,14 @@ def check_workdir(workdir: str) -> None:
 def build(config, dataset: data.Dataset):
   """Model, weights map and controller from a config, with one-line errors."""
   try:
-    model = models.build_model(config.model, dataset.num_classes, dtype=config.dtype)
+    # A user's own module (config.model.module) is checked to nest on a
+    # random sample batch (models/paired.py).
+    model = models.build_model(config.model, dataset.num_classes, dtype=config.dtype,
+                               sample=_check_sample(config, dataset))
   except ConfigError as e:  # a NestingError passes as it is
-    raise ConfigError(f"config.model: {e}") from e
+    message = str(e)
+    raise ConfigError(message if message.startswith("config.model") else
+                      f"config.model: {message}") from e
   try:
     controller = Controller.from_config(config.motivation)
   except ValueError as e:  # the controller's checks of its own config
@@ -125,6 +130,14 @@ def build(config, dataset: data.Dataset):
   sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
   wmap = nesting.weights_map(model, sample, subnet="motivated")
   return model, wmap, controller
+
+
+def _check_sample(config, dataset: data.Dataset) -> jax.Array | None:
+  """A normal random batch of the model's input shape, for the nesting check of
+  a user's module (None for the package's own families, which need none)."""
+  if not config.model.get("module"):
+    return None
+  return jax.random.normal(jax.random.key(config.seed), (8, *dataset.image_shape))
 
 
 @dataclasses.dataclass
@@ -154,6 +167,8 @@ class Run:
   log_interval: dict = dataclasses.field(default_factory=dict)
   # The workdir's lease (motivation_jax.lease), held from setup to close.
   lease: lease.Lease | lease.Follower | None = None
+  # A user's own module (models/paired.py): whether its base is exactly nested, the gap.
+  nesting: dict | None = None
 
   _eval_stats: tuple[int, dict | None] | None = None
 
@@ -238,7 +253,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, held
                                        policy=config.motivation.policy,
                                        state_sharding=state_sharding,
                                        batch_sharding=batch_sharding,
-                                       normalisation=normalisation)
+                                       normalisation=normalisation, seed=config.seed)
   state = steps.create_train_state(
       model, optimizer, jax.random.key(config.seed), sample,
       batch_norm_stats=config.model.batch_norm_stats,
@@ -270,7 +285,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, held
             workdir=workdir, chief=chief, first_step=first_step,
             order=steps.make_order_converters(optimizer, wmap=wmap,
                                               state_sharding=state_sharding),
-            log_interval=log_interval, lease=held)
+            log_interval=log_interval, lease=held,
+            nesting=model.describe() if hasattr(model, "describe") else None)
   return run, state
 
 
@@ -796,6 +812,9 @@ def summarize(run: Run, eval_metrics: dict[str, float], wall_time_s: float) -> d
       # 0 when the test accuracies use the running averages (no batch norm, or off).
       "bn_recalibration_batches": (run.config.bn_recalibration_batches
                                    if jax.tree.leaves(run.wmap["batch_stats"]) else 0),
+      # A user's own module: {"exact", "gap", "api"} (exact False: the base only
+      # shares weights, models/paired.py).
+      **({"nesting": run.nesting} if run.nesting else {}),
       # The same accuracies with the running averages, where they differ.
       **{k: v for k, v in eval_metrics.items() if k.endswith("test_accuracy_running_stats")},
   }

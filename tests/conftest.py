@@ -78,9 +78,10 @@ from motivation_jax.models import (NestedEfficientNet, NestedMLP, NestedResNet, 
 # Fast loop (seconds in one process from a cold compile cache on a 2-core CPU:
 # 76, 22, 21, 21, 21, 19, 18, 17, 16, 16, 15, 15, 14, 13, 13, 11; the other files
 # take under 7 each; test_benchmark_harness.py's 21 timed alone, cold, once its
-# item-6 test came):
+# item-6 test came; test_paired.py's 45 and test_paired_run.py's 16 alone, warm cache):
 COSTLIEST_FILES = (
-    "test_steps.py", "test_configs.py", "test_step_costs.py", "test_data_workers.py",
+    "test_steps.py", "test_paired.py", "test_configs.py", "test_step_costs.py",
+    "test_data_workers.py",
     "test_benchmark_harness.py", "test_recalibration.py", "test_bad_input.py",
     "test_train.py", "test_resnet.py", "test_reliability.py", "test_cost_table.py",
     "test_experiments.py", "test_fsdp.py", "test_export.py", "test_launch.py",
@@ -94,7 +95,8 @@ COSTLIEST_FILES = (
 COSTLIEST_FILES_WITH_SLOW = (
     "test_configs.py", "test_multiprocess.py", "test_fsdp.py", "test_command_line_fuzz.py",
     "test_steps.py", "test_data_workers.py", "test_gcs_workdir.py", "test_reliability.py",
-    "test_launch.py", "test_train.py", "test_cost_table.py", "test_benchmarks.py",
+    "test_launch.py", "test_train.py", "test_paired.py", "test_cost_table.py",
+    "test_benchmarks.py",
     "test_experiments.py", "test_bad_input.py", "test_mixed_precision.py",
     "test_step_costs.py", "test_export.py", "test_benchmark_harness.py",
     "test_recalibration.py")

@@ -44,3 +44,11 @@ def test_the_config_reference_lists_every_key_of_the_default_config():
   assert sorted(documented) == sorted(keys)
   for key, value in keys.items():  # the defaults the table gives are the config's
     assert documented[key] in (str(value), repr(value)), (key, documented[key], value)
+
+
+def test_the_bring_your_own_model_example_runs_as_written():
+  match = re.search(r"<!-- byom-example -->\s*```python\n(.*?)```", _readme(), re.S)
+  assert match, "README.md lost its bring-your-own-model example"
+  code = match.group(1)
+  exec(compile(code, "README.md:byom-example", "exec"), {"__name__": "readme_byom"})
+  assert "assert" in code

@@ -14,6 +14,11 @@ The contract every family follows (and ``nesting`` relies on):
   (``nesting.init_variables``);
 - the family module has ``from_config(base, motivated, num_classes, **options)``
   taking the ``config.model.base`` / ``.motivated`` dicts (``FAMILIES`` below).
+
+A user's own module needs none of that: ``nesting.paired(base, motivated, sample)``
+adapts two configurations of an ordinary Linen or NNX module to the contract
+(``models/paired.py``), and ``config.model.module = "package.module:Name"``
+does it from a config file (``build_model``).
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ import jax.numpy as jnp
 
 from motivation_jax.common import check_keys
 from motivation_jax.errors import ConfigError
-from motivation_jax.models import cnn, efficientnet, mlp, resnet, vit
+from motivation_jax.models import cnn, efficientnet, mlp, paired as paired_lib, resnet, vit
 from motivation_jax.models.efficientnet import NestedEfficientNet
 from motivation_jax.models.mlp import NestedMLP
+from motivation_jax.models.paired import Paired
 from motivation_jax.models.resnet import NestedResNet
 from motivation_jax.models.vit import NestedViT
 
@@ -40,17 +46,33 @@ from motivation_jax.models.vit import NestedViT
 FAMILIES = {
     "mlp": mlp, "cnn": cnn, "resnet": resnet, "efficientnet": efficientnet, "vit": vit}
 # Keys of config.model that are not options of the family.
-_COMMON_KEYS = ("name", "base", "motivated", "batch_norm_stats", "extension_init")
+_COMMON_KEYS = ("name", "base", "motivated", "batch_norm_stats", "extension_init", "module")
+# Keys of config.model a user's own module (config.model.module) may have
+# besides the common ones (models/paired.py, ``from_config``).
+MODULE_KEYS = ("exact", "train_arg")
 # config.dtype: the compute dtype. Parameters, optimizer state, batch-norm
 # statistics and the loss stay float32 in either (docs/models.md).
 DTYPES = ("float32", "bfloat16")
 
 
-def build_model(config: Mapping[str, Any], num_classes: int, *, dtype: str = "float32"):
+def build_model(config: Mapping[str, Any], num_classes: int, *, dtype: str = "float32",
+                sample=None):
   """Builds a nested model from ``config.model`` (see configs/default.py) that
-  computes in ``dtype`` (``config.dtype``, one of ``DTYPES``)."""
+  computes in ``dtype`` (``config.dtype``, one of ``DTYPES``).
+
+  With ``config.model.module`` (``"package.module:Name"``) it is a user's own
+  Linen or NNX class, ``base`` / ``motivated`` its keyword arguments, paired and
+  checked on ``sample`` (an input batch, needed then): ``paired.from_config``."""
   if dtype not in DTYPES:
     raise ConfigError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+  if config.get("module"):
+    extra = [k for k in config if k not in (*_COMMON_KEYS, *MODULE_KEYS)]
+    if extra:
+      raise ConfigError(f"{extra[0]!r} is not a key for a model given by module (known: "
+                        f"{', '.join((*_COMMON_KEYS, *MODULE_KEYS))})")
+    if sample is None:
+      raise ValueError("build_model needs a sample input batch for config.model.module")
+    return paired_lib.from_config(config, num_classes, sample, dtype=dtype)
   name = config["name"]
   if name not in FAMILIES:
     raise ConfigError(f"unknown model {name!r}; known: {', '.join(sorted(FAMILIES))}")
@@ -66,7 +88,16 @@ def build_model(config: Mapping[str, Any], num_classes: int, *, dtype: str = "fl
 
 
 def standalone_spec(model, subnet: str) -> dict[str, Any]:
-  """JSON description of ``model.standalone(subnet)``: module path and fields."""
+  """JSON description of ``model.standalone(subnet)``: module path and fields
+  (for a paired model: the user's class and keyword arguments, with ``api``
+  "linen" or "nnx"; refused where they are not known)."""
+  if isinstance(model, Paired):
+    spec = model.specs.get(subnet)
+    if spec is None:
+      raise ConfigError(f"the {subnet} model cannot be exported: its configuration is not "
+                        "known as JSON (build the pair with paired.from_class, or from "
+                        "config.model.module)")
+    return {"api": model.api, **spec, "nesting": model.describe()}
   alone = model.standalone(subnet)
   kwargs = {}
   for field in dataclasses.fields(alone):
@@ -83,7 +114,10 @@ def standalone_spec(model, subnet: str) -> dict[str, Any]:
 
 
 def build_standalone(spec: Mapping[str, Any]) -> nn.Module:
-  """The module ``standalone_spec`` describes (imports only its own module)."""
+  """The module ``standalone_spec`` describes (imports only its own module); for
+  an ``api`` "nnx" spec, an instance of the user's NNX class."""
+  if "api" in spec:
+    return paired_lib.build_standalone(spec)
   cls = getattr(importlib.import_module(spec["module"]), spec["class"])
   tuples = lambda v: tuple(map(tuples, v)) if isinstance(v, list) else v
   kwargs = {k: tuples(v) for k, v in spec["kwargs"].items()}
@@ -101,8 +135,11 @@ def load_exported(directory: str) -> tuple[nn.Module, dict, dict]:
   directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
   spec = json.loads((directory / "model.json").read_text())
   variables = ocp.StandardCheckpointer().restore(directory / "variables")
-  return build_standalone(spec), variables, spec
+  module = build_standalone(spec)
+  if spec.get("api") == "nnx":  # the user's NNX instance, holding the variables
+    module = paired_lib.load_nnx(module, variables)
+  return module, variables, spec
 
 
 __all__ = ["DTYPES", "FAMILIES", "NestedEfficientNet", "NestedMLP", "NestedResNet", "NestedViT",
-           "build_model", "build_standalone", "load_exported", "standalone_spec"]
+           "Paired", "build_model", "build_standalone", "load_exported", "standalone_spec"]
