@@ -240,3 +240,11 @@ def flops_per_token(model: Transformer, *, seq_len: int | None = None,
   attention = 4 * model.num_layers * length * model.num_heads * model.head_dim
   forward = 2 * matmul_params(model) + attention
   return float(3 * forward if training else forward)
+
+
+def describe(model: Transformer) -> dict[str, Any]:
+  """JSON description of ``model`` (``models.build_standalone`` builds it back)."""
+  kwargs = {name: getattr(model, name) for name in model.__dataclass_fields__
+            if name not in ("parent", "name")}
+  kwargs["dtype"] = jnp.dtype(kwargs["dtype"]).name
+  return {"module": __name__, "class": type(model).__qualname__, "kwargs": kwargs}
