@@ -83,7 +83,7 @@ COSTLIEST_FILES = (
     "test_steps.py", "test_paired.py", "test_configs.py", "test_step_costs.py",
     "test_data_workers.py",
     "test_benchmark_harness.py", "test_recalibration.py", "test_bad_input.py",
-    "test_train.py", "test_resnet.py", "test_reliability.py", "test_cost_table.py",
+    "test_transformer.py", "test_generate.py", "test_train.py", "test_resnet.py", "test_reliability.py", "test_cost_table.py",
     "test_experiments.py", "test_fsdp.py", "test_export.py", "test_launch.py",
     "test_nesting.py")
 # With the slow tests (`-m ""`, what CI runs; seconds per file on one of 2 workers
@@ -96,10 +96,12 @@ COSTLIEST_FILES_WITH_SLOW = (
     "test_configs.py", "test_multiprocess.py", "test_fsdp.py", "test_command_line_fuzz.py",
     "test_steps.py", "test_data_workers.py", "test_gcs_workdir.py", "test_reliability.py",
     "test_launch.py", "test_train.py", "test_paired.py", "test_cost_table.py",
-    "test_benchmarks.py",
-    "test_experiments.py", "test_bad_input.py", "test_mixed_precision.py",
+    "test_benchmarks.py", "test_generate.py", "test_experiments.py", "test_bad_input.py",
+    "test_mixed_precision.py",
     "test_step_costs.py", "test_export.py", "test_benchmark_harness.py",
-    "test_recalibration.py")
+    "test_recalibration.py", "test_transformer.py")
+# (The language-model files, 2026-12-02, cold, alone: test_transformer.py 18 s,
+# test_generate.py 18 s, 24 s with its slow command-line test.)
 
 
 @pytest.hookimpl(trylast=True)  # after `-m` has deselected: order what runs
