@@ -68,7 +68,29 @@ def _rows(rows: slice | None, global_batch_size: int) -> slice:
   return slice(start, stop)
 
 
-class TrainBatches:
+class AddressedBatches:
+  """What every training-batch source shares: batch ``t`` is ``self[t]``, a pure
+  function of its position (``position``), so a resume checks the position and
+  reads on from its next batch."""
+
+  def check_position(self, position: dict[str, Any]) -> int:
+    """The next batch of a checkpointed position; refuses one from other batches."""
+    mine = self.position(position.get("next_batch", 0))
+    changed = [f"{k} {position.get(k)!r} -> {v!r}" for k, v in mine.items()
+               if position.get(k) != v]
+    if changed:
+      raise DataError("the checkpoint's data position was written for other batches ("
+                      + "; ".join(changed) + "); a resumed run would not see the batches of "
+                      "an uninterrupted one, so start a new --workdir or restore those settings")
+    return mine["next_batch"]
+
+  def iterator(self, start: int, stop: int, *, threads: int = 2, workers: int = 0,
+               buffer: int = 4) -> "BatchIterator":
+    return BatchIterator(self.__getitem__, start, stop, threads=threads, workers=workers,
+                         buffer=buffer)
+
+
+class TrainBatches(AddressedBatches):
   """Shuffled, drop-remainder training batches addressed by the global batch index.
 
   ``batches[t]`` is this process's share of global batch ``t`` (its ``rows``,
@@ -140,21 +162,6 @@ class TrainBatches:
             "train_examples": len(self.dataset.train), "dataset": self.dataset.name,
             "augment": self.augment}
 
-  def check_position(self, position: dict[str, Any]) -> int:
-    """The next batch of a checkpointed position; refuses one from other batches."""
-    mine = self.position(position.get("next_batch", 0))
-    changed = [f"{k} {position.get(k)!r} -> {v!r}" for k, v in mine.items()
-               if position.get(k) != v]
-    if changed:
-      raise DataError("the checkpoint's data position was written for other batches ("
-                      + "; ".join(changed) + "); a resumed run would not see the batches of "
-                      "an uninterrupted one, so start a new --workdir or restore those settings")
-    return mine["next_batch"]
-
-  def iterator(self, start: int, stop: int, *, threads: int = 2, workers: int = 0,
-               buffer: int = 4) -> "BatchIterator":
-    return BatchIterator(self.__getitem__, start, stop, threads=threads, workers=workers,
-                         buffer=buffer)
 
 
 def _evaluation_view(images, dataset: Dataset):

