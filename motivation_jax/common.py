@@ -10,7 +10,7 @@ from __future__ import annotations
 import platform
 from typing import Iterable
 
-from motivation_jax.errors import ConfigError
+from motivation_jax.errors import ConfigError, NestingError
 
 # The two sub-networks: every batch trains one of them.
 SUBNETS = ("base", "motivated")
@@ -44,3 +44,19 @@ def cpu_model() -> str:
   except OSError:
     pass
   return platform.processor() or platform.machine()
+
+
+def check_nested_shapes(full: dict, base: dict) -> None:
+  """Refuses (``NestingError``, naming the leaf) a base variable that the motivated
+  model lacks or that is larger than it along some dimension. ``full`` and
+  ``base``: ``{collection: {path tuple: leaf with .shape}}`` (flattened variables)."""
+  for col, leaves in base.items():
+    for path, leaf in leaves.items():
+      name = "/".join(map(str, (col, *path)))
+      if path not in full.get(col, {}):
+        raise NestingError(f"{name} exists in the base but not in the motivated model; "
+                           "the base is not nested")
+      big = full[col][path].shape
+      if len(big) != len(leaf.shape) or any(b > m for b, m in zip(leaf.shape, big)):
+        raise NestingError(f"{name} has shape {leaf.shape} in the base but {big} in the "
+                           "motivated model; the base is not nested")

@@ -46,7 +46,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from motivation_jax.common import check_subnet
+from motivation_jax.common import check_nested_shapes, check_subnet
 from motivation_jax.errors import NestingError
 from motivation_jax.models import paired as paired_lib
 
@@ -249,16 +249,7 @@ def weights_map(model, *sample_args, **sample_kwargs) -> WeightsMap:
                else lambda rng, *args: standalone.init(rng, *args, **own))
   full = shapes(lambda rng, *args: model.init(rng, *args, **sample_kwargs))
   base = shapes(base_init)
-  for col, leaves in base.items():
-    for path, leaf in leaves.items():
-      name = path_name((col, *path))
-      if path not in full.get(col, {}):
-        raise NestingError(f"{name} exists in the base but not in the motivated model; "
-                           "the base is not nested")
-      big = full[col][path].shape
-      if len(big) != len(leaf.shape) or any(b > m for b, m in zip(leaf.shape, big)):
-        raise NestingError(f"{name} has shape {leaf.shape} in the base but {big} in the "
-                           "motivated model; the base is not nested")
+  check_nested_shapes(full, base)
   regions = {}
   for col, leaves in full.items():
     flat = {}

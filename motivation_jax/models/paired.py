@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from motivation_jax.common import check_subnet
+from motivation_jax.common import check_nested_shapes, check_subnet
 from motivation_jax.errors import ConfigError, NestingError
 
 PyTree = Any
@@ -447,19 +447,9 @@ def _shape_check(model: Paired, sample) -> dict[str, dict]:
   rng = jax.random.key(0)
   full = _flat(jax.eval_shape(lambda x: model.init_module(model.motivated, rng, x), sample))
   base = _flat(jax.eval_shape(lambda x: model.init_module(model.base, rng, x), sample))
-  regions = {}
-  for col, leaves in base.items():
-    for path, leaf in leaves.items():
-      name = "/".join(map(str, (col, *path)))
-      if path not in full.get(col, {}):
-        raise NestingError(f"{name} exists in the base but not in the motivated model; "
-                           "the base is not nested")
-      big = full[col][path].shape
-      if len(big) != len(leaf.shape) or any(b > m for b, m in zip(leaf.shape, big)):
-        raise NestingError(f"{name} has shape {leaf.shape} in the base but {big} in the "
-                           "motivated model; the base is not nested")
-      regions.setdefault(col, {})[path] = tuple(leaf.shape)
-  return regions
+  check_nested_shapes(full, base)
+  return {col: {path: tuple(leaf.shape) for path, leaf in leaves.items()}
+          for col, leaves in base.items() if leaves}
 
 
 def _random_variables(model: Paired, sample):
