@@ -845,6 +845,10 @@ def format_summary(summary: dict[str, Any]) -> str:
   if summary.get("nonfinite_steps"):
     lines.insert(-1, f"batches not applied (a non-finite loss or gradient): "
                      f"{summary['nonfinite_steps']:,}")
+  nested = summary.get("nesting")
+  if nested and not nested["exact"]:
+    lines.insert(-1, f"the base is not exactly nested (exact=False): it shares the motivated "
+                     f"model's weights, its outputs differ by up to {nested['gap']:.3g}")
   if summary["resumed_from_step"]:
     lines[-1] += f" (this process, resumed at batch {summary['resumed_from_step']:,})"
   return "\n".join(lines)

@@ -17,8 +17,8 @@ CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "conf
 FAMILY_CONFIGS = [c for c in CONFIGS if c != "default.py"]
 # In the full run only (pytest -m ""): ImageNet's smoke runs take the ResNet and
 # ViT code paths the CIFAR configs take already, at a larger image size, and
-# EfficientNet's named architectures (16 to 23 blocks) take about a minute to
-# compile on a 2-core CPU; test_steps.py, test_step_costs.py and
+# EfficientNet's smoke pair (7 and 8 blocks) takes about 45 s to compile on a
+# 2-core CPU; test_steps.py, test_step_costs.py and
 # test_efficientnet.py test that family's code on a small model in the default run.
 # CIFAR-10's ResNet-20 in ResNet-56 (about a minute from a cold compile cache) too:
 # test_resnet.py and test_steps.py take that family's code on small models.

@@ -112,13 +112,20 @@ def test_a_different_number_of_stages_is_refused():
 @pytest.mark.parametrize("base, message", [
     ({"arch": "b7"}, r"unknown EfficientNet 'b7'; known: b0, b1, b2, b3"),
     ({"arch": "b0", "width": 0}, "width multiplier must be a number > 0"),
-    ({"arch": "b0", "depth": 2.0}, r"'depth' is not a sub-network option of the "
+    ({"arch": "b0", "depth": -1}, "depth multiplier must be a number > 0"),
+    ({"arch": "b0", "blocks": 2}, r"'blocks' is not a sub-network option of the "
      "efficientnet family"),
     ({"width": 1.0}, "the efficientnet family needs arch"),
 ])
 def test_bad_options_are_refused_with_a_clear_message(base, message):
   with pytest.raises(ValueError, match=message):
     efficientnet.from_config(base, {"arch": "b0"}, 10)
+
+
+def test_the_depth_multiplier_scales_each_stages_repeats_rounding_up():
+  assert efficientnet.arch("b0", depth=0.25)[2] == (1,) * 7  # B0: 1, 2, 2, 3, 3, 4, 1
+  assert efficientnet.arch("b1", depth=0.25)[2] == (1, 1, 1, 1, 1, 2, 1)  # x 1.1 x 0.25
+  assert efficientnet.arch("b0", depth=2)[2] == (2, 4, 4, 6, 6, 8, 2)
 
 
 def test_the_standalone_model_is_the_subnet_alone():

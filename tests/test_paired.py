@@ -125,10 +125,33 @@ def test_each_step_kind_compiles_once(pair):
   assert all(fn._cache_size() == 1 for fn in jitted.values())
 
 
+@pytest.mark.parametrize("pair", ["linen_mlp", "nnx_mlp"], indirect=True)  # batch norm, dropout
+def test_policy_both_is_the_base_step_then_the_motivated_step(pair):
+  name, model, optimizer, wmap, fns, state, batch = pair
+  both = jax.jit(steps.make_train_steps(model, optimizer, wmap=wmap, seed=SEED, policy="both",
+                                        jit=False)["motivated"])
+  state = state.replace(step=jnp.asarray(4, jnp.int32))
+  expected, base_metrics = fns["base"](state, batch)
+  # Both halves at one batch index: the same dropout keys and schedule position
+  # (this SGD has no count to hold back).
+  expected, expected_metrics = fns["motivated"](expected.replace(step=state.step), batch)
+  got, metrics = both(state, batch)
+  assert int(got.step) == 5
+  np.testing.assert_allclose(metrics["base_loss"], base_metrics["loss"], rtol=1e-6)
+  np.testing.assert_allclose(metrics["loss"], expected_metrics["loss"], rtol=1e-6)
+  # One program against two rounds differently, far below one update's size.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               got.params, expected.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               got.batch_stats, expected.batch_stats)
+  # The base half did move the base: both updates landed.
+  assert not np.allclose(*(jax.tree.leaves(nesting.base_view(p, wmap.params))[0]
+                           for p in (got.params, fns["motivated"](state, batch)[0].params)))
+
+
+@pytest.mark.parametrize("pair", ["linen_mlp", "nnx_mlp"], indirect=True)  # the batch norms
 def test_recalibration_reads_ordinary_batch_norms(pair):
   name, model, optimizer, wmap, fns, state, batch = pair
-  if "mlp" not in name:
-    pytest.skip("no batch norm")
   recalibrate = recalibration.make_recalibrate(model, wmap)
   stats = recalibrate(state, [batch])
   x = batch["image"].reshape((batch["image"].shape[0], -1))
@@ -141,10 +164,9 @@ def test_recalibration_reads_ordinary_batch_norms(pair):
   np.testing.assert_allclose(first["var"][:16], h.var(0), rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("pair", ["nnx_mlp"], indirect=True)  # its nnx.List
 def test_integer_path_keys_are_named_in_errors_and_maps(pair):
   name, model, optimizer, wmap, *_ = pair
-  if name != "nnx_mlp":
-    pytest.skip("nnx.List")
   assert wmap.params["layers"][0]["kernel"].base_shape == (64, 16)
   assert nesting.path_name(("params", "layers", 0, "kernel")) == "params/layers/0/kernel"
 

@@ -49,10 +49,9 @@ def test_a_users_module_trains_from_a_config(run):
   assert summary["params"]["base"] < summary["params"]["motivated"]
 
 
+@pytest.mark.parametrize("run", ["linen"], indirect=True)  # one resume is enough
 def test_a_resumed_run_with_dropout_is_bit_identical(run, tmp_path):
   api, config, workdir, summary = run
-  if api != "linen":
-    pytest.skip("one resume is enough")
   copy = tmp_path / "resumed"
   shutil.copytree(workdir, copy)
   steps = sorted(int(d) for d in os.listdir(copy / "checkpoints") if d.isdigit())
@@ -110,3 +109,38 @@ def test_an_export_that_would_not_reload_is_refused():
     paired_lib.check_reloads(spec, variables, x)  # MLP((16,)) has hidden_0 and bn_0 too
   with pytest.raises(ConfigError, match="could not be reloaded"):
     paired_lib.check_reloads({**spec, "module": "__main__"}, variables, x)
+
+
+# d_model under LayerNorm: shapes nest, outputs do not (models/paired.py).
+WIDER = ("examples.byom_models:Transformer", {"heads": 2, "mlp_dim": 16, "depth": 1, "dim": 8},
+         {"heads": 4, "mlp_dim": 32, "depth": 1, "dim": 16})
+
+
+def test_a_base_that_only_shares_weights_needs_exact_false_and_says_so(tmp_path):
+  config = _config(*WIDER)
+  config.num_epochs = 1
+  with pytest.raises(MotivationError, match="normalisation over features") as e:
+    train.setup(config, str(tmp_path / "refused"))
+  assert "\n" not in str(e.value) and "exact=False" in str(e.value)
+  config.model.exact = False
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert summary["nesting"]["exact"] is False and summary["nesting"]["gap"] > 1e-3
+  assert "not exactly nested" in train.format_summary(summary)
+  spec = export_run(str(tmp_path / "run"), "base", str(tmp_path / "out"))
+  assert spec["nesting"]["exact"] is False and spec["kwargs"]["dim"] == 8
+
+
+def test_the_experiments_suite_trains_a_users_module(tmp_path):
+  from motivation_jax.experiments import report, suite
+  config = _config(*MODULES["nnx"])
+  config.num_epochs = 1
+  arms = ("base_alone", "motivated")
+  records = suite.run_suite(config, [0], str(tmp_path), arms, log=lambda _: None)
+  assert [(r["arm"], r["seed"]) for r in records] == [(a, 0) for a in arms]
+  assert all(r["summary"]["nesting"]["api"] == "nnx" for r in records)
+  assert records[0]["summary"]["motivated_steps"] == 0 < records[1]["summary"]["motivated_steps"]
+  meta = {"config": "byom", "overrides": [], "seeds": [0], "arms": list(arms),
+          "machine": "test", "command": "python -m motivation_jax.experiments ...",
+          "phase_steps": config.motivation.phase_steps}
+  paths = report.write_report(report.build_report(records, meta), records, str(tmp_path))
+  assert any(p.endswith("report.md") for p in paths)

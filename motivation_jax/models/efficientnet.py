@@ -32,7 +32,8 @@ it a skip in one sub-network and not the other, so the skip is fixed by position
 Named architectures (``ARCHS``): b0..b3, the B0 table scaled by (width, depth)
 coefficients (channels rounded to multiples of 8, never below 90% of the scaled
 value; repeats rounded up). A ``width`` option per sub-network multiplies the
-width coefficient, for small nets (e.g. ``{"arch": "b0", "width": 0.25}``).
+width coefficient and a ``depth`` option the depth coefficient, for small nets
+(e.g. ``{"arch": "b0", "width": 0.25, "depth": 0.25}``: one block a stage).
 
 Deviations from the original family:
 
@@ -252,29 +253,33 @@ def round_repeats(repeats: int, depth: float) -> int:
   return int(math.ceil(depth * repeats))
 
 
-def arch(name: str, width: float = 1.0) -> tuple[int, tuple[int, ...], tuple[int, ...], int]:
-  """(stem, widths, depths, head) of a named EfficientNet, with an extra width multiplier."""
+def arch(name: str, width: float = 1.0, depth: float = 1.0
+         ) -> tuple[int, tuple[int, ...], tuple[int, ...], int]:
+  """(stem, widths, depths, head) of a named EfficientNet, with extra width and
+  depth multipliers."""
   if name not in ARCHS:
     raise ConfigError(f"unknown EfficientNet {name!r}; known: {', '.join(ARCHS)}")
-  if isinstance(width, bool) or not (isinstance(width, (int, float)) and math.isfinite(width)
-                                     and width > 0):
-    raise ConfigError(f"an EfficientNet width multiplier must be a number > 0, got {width!r}")
+  for what, value in (("width", width), ("depth", depth)):
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)
+                                       and value > 0):
+      raise ConfigError(f"an EfficientNet {what} multiplier must be a number > 0, got {value!r}")
   width_coefficient, depth_coefficient = ARCHS[name]
   width = width_coefficient * width
   return (round_filters(B0_STEM, width),
           tuple(round_filters(c, width) for _, _, _, c, _ in B0_STAGES),
-          tuple(round_repeats(r, depth_coefficient) for *_, r in B0_STAGES),
+          tuple(round_repeats(r, depth_coefficient * depth) for *_, r in B0_STAGES),
           round_filters(B0_HEAD, width))
 
 
 def from_config(base: Mapping[str, Any], motivated: Mapping[str, Any],
                 num_classes: int) -> NestedEfficientNet:
-  """``config.model.base`` / ``.motivated`` are ``{"arch": "b0", "width": 1.0}``."""
+  """``config.model.base`` / ``.motivated`` are ``{"arch": "b0", "width": 1.0}``
+  (and optionally ``"depth": 1.0``)."""
   sizes = []
   for options in (base, motivated):
     options = subnet_options("efficientnet", options, required=("arch",),
-                             optional={"width": 1.0})
-    sizes.append(arch(options["arch"], options["width"]))
+                             optional={"width": 1.0, "depth": 1.0})
+    sizes.append(arch(options["arch"], options["width"], options["depth"]))
   (bs, bw, bd, bh), (ms, mw, md, mh) = sizes
   return NestedEfficientNet(base_stem=bs, base_widths=bw, base_depths=bd, base_head=bh,
                             motivated_stem=ms, motivated_widths=mw, motivated_depths=md,

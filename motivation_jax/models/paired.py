@@ -143,7 +143,8 @@ class NNXModel:
         key = (rngs or {}).get(variable.tag, default)
         values[path] = variable.replace(jax.random.fold_in(key, i))
       else:  # an RngCount starts at 0 on every batch
-        values[path] = variable.replace(jnp.zeros(variable.value.shape, variable.value.dtype))
+        value = variable.get_value()
+        values[path] = variable.replace(jnp.zeros(value.shape, value.dtype))
     return nnx.State.from_flat_path(values)
 
   def apply(self, variables: Mapping[str, PyTree], x: jax.Array, *, train: bool = False,
@@ -714,9 +715,9 @@ def _kernel_layouts(model: Paired, sample) -> dict[tuple, tuple[tuple, tuple]]:
   if isinstance(m, NNXModel):
     for path, module in nnx.iter_modules(nnx.eval_shape(lambda: m.constructor(nnx.Rngs(0)))):
       kernel = getattr(module, "kernel", None)
-      if kernel is None or not hasattr(kernel, "value"):
+      if not isinstance(kernel, nnx.Variable):
         continue
-      ndim = len(kernel.value.shape)
+      ndim = len(kernel.get_value().shape)
       if isinstance(module, nnx.LinearGeneral):
         n_in = len(module.in_features)
         layouts[(*path, "kernel")] = (tuple(range(n_in)), tuple(range(n_in, ndim)))
