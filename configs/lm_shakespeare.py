@@ -52,7 +52,7 @@ def lm_config(config):
   config.grad_clip_norm = 1.0
   # LM runs count steps, not epochs (2000 steps are a third of an epoch here).
   config.num_train_steps = 2000
-  config.eval_every_steps = 500      # the held-out text in full, in order
+  config.eval_every_steps = 1000     # the held-out text in full, in order
   config.checkpoint_every_steps = 500
   config.log_every_steps = 100
   config.eval_batch_size = 128

@@ -156,3 +156,29 @@ def test_a_bad_transformer_config_is_one_line(change, words):
 def test_an_unknown_task_is_refused():
   with pytest.raises(ConfigError, match="config.task must be one of"):
     tasks.get("translation")
+
+
+def test_fsdp_over_4_devices_gives_the_lm_parameters_of_one_device(lm):
+  from motivation_jax import sharding
+  model, optimizer, wmap, host_state, _ = lm
+  sample = jnp.zeros((1, LENGTH), jnp.int32)
+  kinds, batches = ("base", "motivated", "base"), [_tokens(20 + i) for i in range(3)]
+  plain = steps.make_train_steps(model, optimizer, wmap=wmap, task=tasks.CAUSAL_LM)
+  expected = jax.device_put(_copy(host_state))
+  for kind, batch in zip(kinds, batches):
+    expected, _ = plain[kind](expected, batch)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "fsdp_min_mib": 0.0})
+  layout = sharding.train_state_sharding(steps.abstract_train_state(model, optimizer, sample),
+                                         mesh, min_bytes=0)
+  batch_sharding = sharding.batch_sharding(mesh)
+  fns = steps.make_train_steps(model, optimizer, wmap=wmap, task=tasks.CAUSAL_LM,
+                               state_sharding=layout, batch_sharding=batch_sharding)
+  order = steps.make_order_converters(optimizer, wmap=wmap, state_sharding=layout)
+  state = order["storage"](jax.device_put(_copy(host_state), layout))
+  assert state.order == "storage"  # some leaf is interleaved: the storage order is used
+  for kind, batch in zip(kinds, batches):
+    state, _ = fns[kind](state, jax.device_put(batch, batch_sharding))
+  got = jax.device_get(order["logical"](state))
+  chex.assert_trees_all_close(got.params, jax.device_get(expected.params), rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(got.opt_state, jax.device_get(expected.opt_state), rtol=1e-5,
+                              atol=1e-6)
