@@ -66,9 +66,10 @@ def check_config(config) -> None:
   if not isinstance(seq_len, int) or seq_len < 1:
     raise ConfigError(f"config.model.seq_len (the context and the windows of text) must be an "
                       f"integer >= 1, got {seq_len!r}")
-  if config.get("mock_data_examples", 0) and config.dataset in text.TEXT_DATASETS:
-    raise ConfigError(f"config.mock_data_examples is for TFDS sets; {config.dataset} is read "
-                      "from files on this machine")
+  if config.get("mock_data_examples", 0) and config.dataset not in text.TFDS_TEXT:
+    raise ConfigError(f"config.mock_data_examples is for TFDS text sets "
+                      f"({', '.join(text.TFDS_TEXT)}); {config.dataset} is read from files on "
+                      "this machine")
 
 
 def check_classification_config(config) -> None:
@@ -83,10 +84,11 @@ class TextData:
   """A tokenized corpus with what ``train.py`` reads of a data set."""
   dataset: text.TextDataset
   seq_len: int
+  mock: bool = False  # TFDS mock data (config.mock_data_examples)
 
   @property
   def name(self) -> str:
-    return self.dataset.name
+    return self.dataset.name + (" (mock data)" if self.mock else "")
 
   @property
   def num_classes(self) -> int:  # what the model's output ranges over
@@ -121,9 +123,16 @@ def load(config, workdir: str, *, chief: bool = True) -> TextData:
       raise ConfigError(f"{path} holds a {tokenizer.spec} tokenizer but config.tokenizer="
                         f"{config.tokenizer!r}: that changes what the saved model means; use a "
                         "new --workdir")
-  dataset = text.load_text_dataset(config.dataset, tokenizer=tokenizer,
-                                   data_dir=config.get("data_dir"),
-                                   max_examples=config.get("max_examples"))
+  load = lambda: text.load_text_dataset(config.dataset, tokenizer=tokenizer,
+                                       data_dir=config.get("data_dir"),
+                                       max_examples=config.get("max_examples"))
+  mock = config.get("mock_data_examples", 0)
+  if mock:  # the configs' :smoke variants of a TFDS text set
+    import tensorflow_datasets as tfds  # heavy import, only here
+    with tfds.testing.mock_data(num_examples=mock):
+      dataset = load()
+  else:
+    dataset = load()
   if chief and not files.exists(path):
     files.write_text(path, dataset.tokenizer.to_json())
   limit = config.get("max_eval_tokens")
@@ -132,7 +141,7 @@ def load(config, workdir: str, *, chief: bool = True) -> TextData:
       raise ConfigError(f"config.max_eval_tokens must be None (all) or an integer >= 2, "
                         f"got {limit!r}")
     dataset = dataclasses.replace(dataset, test=dataset.test[:limit])
-  return TextData(dataset, config.model.seq_len)
+  return TextData(dataset, config.model.seq_len, mock=bool(mock))
 
 
 def batches(config, data: TextData, *, train_rows, eval_rows):

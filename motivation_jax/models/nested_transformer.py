@@ -69,10 +69,17 @@ def from_config(base, motivated, num_classes, *, d_model: int | None = None,
     configs[subnet] = kwargs
   shared = dict(vocab_size=num_classes, d_model=d_model, head_dim=head_dim, seq_len=seq_len,
                 positions=positions, norm=norm, tie_embeddings=tie_embeddings,
-                dropout_rate=dropout_rate, rope_base=rope_base, dtype=jnp.dtype(dtype))
+                dropout_rate=dropout_rate, rope_base=rope_base, dtype=jnp.float32)
   try:
     base_model = Transformer(**shared, **configs["base"])
     motivated_model = Transformer(**shared, **configs["motivated"])
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.model: {e}") from e
-  return paired_lib.paired(base_model, motivated_model, sample_tokens(num_classes, seq_len))
+  # Checked in float32: nesting is the architecture's, and bfloat16's rounding
+  # of sums taken in another order (the zeroed extension) is not a gap.
+  pair = paired_lib.paired(base_model, motivated_model, sample_tokens(num_classes, seq_len))
+  if jnp.dtype(dtype) != jnp.float32:
+    pair.base, pair.motivated = (m.clone(dtype=jnp.dtype(dtype))
+                                 for m in (pair.base, pair.motivated))
+    pair.specs = {s: paired_lib.linen_spec(pair.standalone(s)) for s in ("base", "motivated")}
+  return pair
