@@ -13,17 +13,20 @@ Command:
 
   python -m motivation_jax.main --config=configs/lm_bible.py --workdir=workdirs/lm_bible
 
-Expected result: not measured yet (the Shakespeare config's run is in its
-docstring and README "Language models").
+Expected result (measured once, seed 0, on a 2-core CPU shared with other
+jobs): 2000 steps in 299 s wall; held-out bits/byte 2.144 (base) and 2.182
+(motivated); the motivated model trained on 123 of the 2000 batches, at 41.2%
+of the training FLOPs of the motivated model alone on every batch. Not yet
+compared with the same shapes trained alone on this corpus.
 """
+
+import os
 
 from motivation_jax import config_lib
 
 
 def get_config(arg: str | None = None):
-  config = config_lib.lm_defaults(config_lib.default_config(__file__))
+  config = config_lib.load_config_file(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm_shakespeare.py"))
   config.dataset = "bible"
-  config.batch_size = 12
-  config.model.base = {"num_heads": 2, "ffn_dim": 128, "num_layers": 4}
-  config.model.motivated = {"num_heads": 4, "ffn_dim": 512, "num_layers": 4}
   return config_lib.variant(config, arg, smoke=config_lib.make_lm_smoke)

@@ -75,8 +75,9 @@ def check_config(config) -> None:
 def check_classification_config(config) -> None:
   """The other way round: an image task with a language model."""
   if config.model.get("name") in models.LANGUAGE_MODELS and not config.model.get("module"):
-    raise ConfigError(f"config.model.name={config.model.name!r} is a language model: set "
-                      "config.task='causal_lm' and a text data set (configs/lm_shakespeare.py)")
+    raise ConfigError(f"unknown model {config.model.name!r} for images: it is a language "
+                      "model; set config.task='causal_lm' and a text data set "
+                      "(configs/lm_shakespeare.py)")
 
 
 @dataclasses.dataclass
@@ -213,14 +214,13 @@ def summary_fields(run, eval_metrics: dict[str, float]) -> dict:
   return out
 
 
-def format_summary(summary: dict) -> str:
-  """An LM run's summary as the table ``python -m motivation_jax.main`` prints."""
+def summary_table(summary: dict) -> tuple[str, list[tuple[str, str, str]], list[str]]:
+  """An LM run's lines of ``train.format_summary``: the header, the rows of the
+  two columns, and the throughput line."""
   flops, params = summary["flops_per_step"], summary["params"]
   per_token = summary["flops_per_token"]
-  ratio = summary["training_flops"] / summary["large_alone_flops"]
   both = lambda f: tuple(f(s) for s in SUBNETS)
   rows = [
-      ("", "base", "motivated"),
       ("held-out bits/byte", *both(lambda s: f"{summary[f'{s}/test_bits_per_byte']:.4f}")),
       ("held-out loss (nats/token)", *both(lambda s: f"{summary[f'{s}/test_loss']:.4f}")),
       ("perplexity (per token)", *both(lambda s: f"{summary[f'{s}/test_perplexity']:.3f}")),
@@ -230,22 +230,9 @@ def format_summary(summary: dict) -> str:
       ("training FLOPs per token", *both(lambda s: f"{per_token[s]:.3e}")),
       ("FLOPs per step", *both(lambda s: f"{flops[s]:.3e}")),
   ]
-  width = max(len(r[0]) for r in rows)
-  lines = [f"{summary['dataset']} ({summary['tokenizer']}, context {summary['seq_len']}): "
-           f"{summary['train_tokens']:,} training tokens, {summary['test_tokens']:,} held-out "
-           f"targets ({summary['test_bytes_per_token']:.3f} bytes each)"]
-  lines += [f"{a:<{width}}  {b:>14}  {c:>14}" for a, b, c in rows]
-  lines += [
-      f"activations of the motivated model: {summary['activations']:,}",
-      f"training FLOPs: {summary['training_flops']:.3e} = {ratio:.1%} of training the "
-      f"motivated model alone on every batch ({summary['large_alone_flops']:.3e})",
-      f"throughput: {summary['tokens_per_s']:,.0f} tokens/s (the train loop without its "
-      f"evaluations, {summary['eval_s']:.1f} s)",
-      f"wall time: {summary['wall_time_s']:.1f} s",
-  ]
-  if summary.get("nonfinite_steps"):
-    lines.insert(-1, f"batches not applied (a non-finite loss or gradient): "
-                     f"{summary['nonfinite_steps']:,}")
-  if summary["resumed_from_step"]:
-    lines[-1] += f" (this process, resumed at batch {summary['resumed_from_step']:,})"
-  return "\n".join(lines)
+  header = (f"{summary['dataset']} ({summary['tokenizer']}, context {summary['seq_len']}): "
+            f"{summary['train_tokens']:,} training tokens, {summary['test_tokens']:,} held-out "
+            f"targets ({summary['test_bytes_per_token']:.3f} bytes each)")
+  throughput = (f"throughput: {summary['tokens_per_s']:,.0f} tokens/s (the train loop "
+                f"without its evaluations, {summary['eval_s']:.1f} s)")
+  return header, rows, [throughput]

@@ -874,26 +874,29 @@ def summarize(run: Run, eval_metrics: dict[str, float], wall_time_s: float) -> d
 
 def format_summary(summary: dict[str, Any]) -> str:
   """The summary as a small table for the terminal."""
-  if summary.get("task") == "causal_lm":
-    return lm.format_summary(summary)
   flops, params = summary["flops_per_step"], summary["params"]
   ratio = summary["training_flops"] / summary["large_alone_flops"]
-  rows = [
-      ("", "base", "motivated"),
-      ("test accuracy", f"{summary['base/test_accuracy']:.4f}",
-       f"{summary['motivated/test_accuracy']:.4f}"),
-      ("parameters", f"{params['base']:,}", f"{params['motivated']:,}"),
-      ("train steps", f"{summary['base_steps']:,}", f"{summary['motivated_steps']:,}"),
-      ("FLOPs per step", f"{flops['base']:.3e}", f"{flops['motivated']:.3e}"),
-  ]
+  if summary.get("task") == "causal_lm":  # held-out bits per byte, FLOPs per token, tokens/s
+    header, rows, extra = lm.summary_table(summary)
+  else:
+    header = (f"{summary['dataset']}: {summary['train_examples']:,} training and "
+              f"{summary['test_examples']:,} test examples")
+    rows = [
+        ("test accuracy", f"{summary['base/test_accuracy']:.4f}",
+         f"{summary['motivated/test_accuracy']:.4f}"),
+        ("parameters", f"{params['base']:,}", f"{params['motivated']:,}"),
+        ("train steps", f"{summary['base_steps']:,}", f"{summary['motivated_steps']:,}"),
+        ("FLOPs per step", f"{flops['base']:.3e}", f"{flops['motivated']:.3e}"),
+    ]
+    extra = []
+  rows = [("", "base", "motivated"), *rows]
   width = max(len(r[0]) for r in rows)
-  lines = [f"{a:<{width}}  {b:>14}  {c:>14}" for a, b, c in rows]
-  lines = [f"{summary['dataset']}: {summary['train_examples']:,} training and "
-           f"{summary['test_examples']:,} test examples"] + lines
+  lines = [header] + [f"{a:<{width}}  {b:>14}  {c:>14}" for a, b, c in rows]
   lines += [
       f"activations of the motivated model: {summary['activations']:,}",
       f"training FLOPs: {summary['training_flops']:.3e} = {ratio:.1%} of training the "
       f"motivated model alone on every batch ({summary['large_alone_flops']:.3e})",
+      *extra,
       f"wall time: {summary['wall_time_s']:.1f} s",
   ]
   if summary.get("nonfinite_steps"):

@@ -112,7 +112,7 @@ def test_either_sub_network_exports_with_its_tokenizer_and_generates(run, tmp_pa
 @pytest.mark.parametrize("change, words", [
     ({"model.name": "cnn"}, "config.task='causal_lm' needs a language model"),
     ({"dataset": "digits"}, "needs a text data set"),
-    ({"task": "classification", "dataset": "digits"}, "is a language model: set config.task"),
+    ({"task": "classification", "dataset": "digits"}, "it is a language model; set config.task"),
     ({"tokenizer": "bpe:12"}, "tokenizer must be 'byte' or 'bpe:N'"),
     ({"num_train_steps": 0}, "config.num_train_steps must be an integer >= 1"),
     ({"grad_clip_norm": -1.0}, "config.grad_clip_norm must be None"),
