@@ -42,6 +42,10 @@ def get_config() -> ml_collections.ConfigDict:
   # batches either way (README "Data").
   config.data_workers = 0
 
+  # What a batch holds and what is minimised: "classification" (images and
+  # labels) or "causal_lm" (tokens; configs/lm_shakespeare.py, motivation_jax/tasks.py).
+  config.task = "classification"
+
   # The nested model: one module at the motivated size; the base is a view.
   config.model = ml_collections.ConfigDict()
   config.model.name = "cnn"  # "cnn" (residual CNN, batch norm) or "mlp"
@@ -68,6 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.momentum = 0.9
   config.weight_decay = 5e-4
   config.warmup_epochs = 1.0
+  # Gradient clipping by global norm before each update (None: off). A base step
+  # clips the base's gradient, as the standalone base's step would.
+  config.grad_clip_norm = ml_collections.FieldReference(None, field_type=float)
   config.batch_size = 64
   config.num_epochs = 20
   config.seed = 0

@@ -11,7 +11,11 @@ writes, from the latest checkpoint of the run in ``DIR`` (or ``--step``):
   it off);
 - ``OUT/model.json``: the standalone architecture (module, class and fields,
   among them the compute ``dtype`` the run trained with; the variables are
-  float32 either way), the input shape and the normalisation the model expects.
+  float32 either way), the input shape and the normalisation the model expects;
+- for a language model (``config.task = "causal_lm"``) ``OUT/tokenizer.json``
+  too, the run's tokenizer (a BPE exactly as trained), and model.json gives the
+  vocabulary size and the context instead of an input shape:
+  ``python -m motivation_jax.generate --model=OUT`` samples from it.
 
 Loading needs the model's module and flax, not the training code::
 
@@ -50,6 +54,7 @@ from motivation_jax.models import paired as paired_lib
 from motivation_jax.errors import CheckpointError, ConfigError
 
 FORMAT = "motivation_jax.standalone/1"
+TOKENIZER_FILE = "tokenizer.json"  # generate.TOKENIZER_FILE
 
 
 def export_run(workdir: str, subnet: str, out: str, *, step: int | None = None) -> dict:
@@ -72,9 +77,15 @@ def export_run(workdir: str, subnet: str, out: str, *, step: int | None = None) 
       _refuse_a_checkpoint_being_written(workdir, ckpt, step)
     config_dict, dataset, step = ckpt.restore_description(step)
     config = ml_collections.ConfigDict(config_dict)
+    language_model = dataset.get("task") == "causal_lm"
+    if language_model:  # a text run's checkpoint (lm.TextData.description)
+      sample = jnp.zeros((1, dataset["seq_len"]), jnp.int32)
+      num_classes = dataset["vocab_size"]
+    else:
+      sample = jnp.zeros((1, *dataset["image_shape"]), jnp.float32)
+      num_classes = dataset["num_classes"]
     # A checkpoint older than config.dtype trained in float32.
-    sample = jnp.zeros((1, *dataset["image_shape"]), jnp.float32)
-    model = models.build_model(config.model, dataset["num_classes"],
+    model = models.build_model(config.model, num_classes,
                                dtype=config.get("dtype", "float32"),
                                sample=_check_sample(config, dataset))
     wmap = nesting.weights_map(model, sample, subnet="motivated")
@@ -102,6 +113,20 @@ def export_run(workdir: str, subnet: str, out: str, *, step: int | None = None) 
   variables = nesting.export(variables, subnet, wmap)
   if not jax.tree.leaves(variables.get("batch_stats", {})):
     variables.pop("batch_stats", None)
+  if language_model:
+    spec = {
+        "format": FORMAT,
+        **models.standalone_spec(model, subnet),
+        "subnet": subnet,
+        "task": "causal_lm",
+        "vocab_size": dataset["vocab_size"],
+        "seq_len": dataset["seq_len"],
+        "tokenizer": dataset["tokenizer"],
+        "params": wmap.num_params(subnet),
+        "source": {"workdir": files.resolve(workdir), "step": step,
+                   "dataset": dataset["name"], "model": config.model.to_dict()},
+    }
+    return _write(spec, variables, out, sample, tokenizer=dataset["tokenizer_json"])
   spec = {
       "format": FORMAT,
       **models.standalone_spec(model, subnet),
@@ -117,11 +142,17 @@ def export_run(workdir: str, subnet: str, out: str, *, step: int | None = None) 
       "source": {"workdir": files.resolve(workdir), "step": step,
                  "dataset": dataset["name"], "model": config.model.to_dict()},
   }
-  if "api" in spec:  # a user's own module: it must reload into the user's class
+  return _write(spec, variables, out, sample)
+
+
+def _write(spec: dict, variables, out: str, sample, *, tokenizer: str | None = None) -> dict:
+  if "api" in spec:  # a user's own module (or a paired family): it must reload
     paired_lib.check_reloads(spec, variables, sample)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(files.join(files.resolve(out), "variables"), variables)
   checkpointer.wait_until_finished()
+  if tokenizer is not None:
+    files.write_text(files.join(out, TOKENIZER_FILE), tokenizer)
   files.write_text(files.join(out, "model.json"), json.dumps(spec, indent=2))
   return spec
 
@@ -147,6 +178,9 @@ def _check_sample(config, dataset: dict):
   """The batch ``train`` checked a user's module on (``train._check_sample``)."""
   if not config.model.get("module"):
     return None
+  if dataset.get("task") == "causal_lm":
+    return jax.random.randint(jax.random.key(config.seed), (8, dataset["seq_len"]), 0,
+                              dataset["vocab_size"], jnp.int32)
   return jax.random.normal(jax.random.key(config.seed), (8, *dataset["image_shape"]))
 
 

@@ -33,8 +33,10 @@ Its compiled cost is the standalone base model's; the motivated step's is the
 standalone motivated model's (tests/test_step_costs.py checks both against XLA's
 cost analysis).
 
-The batch is a dict with ``image`` (NHWC or NC) and ``label`` (int). Eval
-batches may carry ``mask`` (1 for real examples, 0 for padding). The steps
+The batch is what the ``task`` says (``motivation_jax.tasks``): for
+classification (the default) a dict with ``image`` (NHWC or NC) and ``label``
+(int), eval batches may carry ``mask`` (1 for real examples, 0 for padding);
+for causal language modelling ``tokens`` int [B, L+1] (and ``mask`` [B, L]). The steps
 that ``make_train_steps``, ``make_eval_steps`` and
 ``recalibration.make_recalibrate`` build take ``image`` either as float,
 already normalised (used as it is), or as uint8 pixels, which they normalise on
@@ -54,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from motivation_jax import nesting
+from motivation_jax import nesting, tasks
 from motivation_jax.common import POLICIES
 from motivation_jax.errors import ConfigError
 
@@ -162,16 +164,35 @@ def make_optimizer(config, total_steps: int, steps_per_epoch: int
                    ) -> optax.GradientTransformation:
   """The optimizer of a config (keys ``optimizer``, ``learning_rate``, ``momentum``,
   ``weight_decay``, ``warmup_epochs``): linear warm-up, then cosine decay to 0,
-  indexed by the global batch count."""
-  warmup = min(int(config.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+  indexed by the global batch count.
+
+  Optional keys (the language-model configs set them; absent, the optimizer is
+  exactly the one above): ``warmup_steps`` (instead of ``warmup_epochs``),
+  ``final_learning_rate`` (where the cosine ends, default 0), ``adam_b2``
+  (AdamW's second-moment decay, default 0.999), ``grad_clip_norm`` (None:
+  off; else the gradient is scaled to at most this global norm before the
+  update). A base step runs the optimizer on the base's views, so it clips by
+  the base gradient's norm, as the standalone base's step does."""
+  warmup_steps = config.get("warmup_steps")
+  if warmup_steps is None:
+    warmup_steps = int(config.warmup_epochs * steps_per_epoch)
+  warmup = min(int(warmup_steps), max(total_steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, config.learning_rate, warmup_steps=warmup, decay_steps=max(total_steps, 1))
+      0.0, config.learning_rate, warmup_steps=warmup, decay_steps=max(total_steps, 1),
+      end_value=config.get("final_learning_rate") or 0.0)
   if config.optimizer == "sgd":
-    return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optax.sgd(schedule, momentum=config.momentum))
-  if config.optimizer == "adamw":
-    return optax.adamw(schedule, weight_decay=config.weight_decay)
-  raise ConfigError(f"config.optimizer must be one of {OPTIMIZERS}, got {config.optimizer!r}")
+    optimizer = optax.chain(optax.add_decayed_weights(config.weight_decay),
+                            optax.sgd(schedule, momentum=config.momentum))
+  elif config.optimizer == "adamw":
+    optimizer = optax.adamw(schedule, b2=config.get("adam_b2") or 0.999,
+                            weight_decay=config.weight_decay)
+  else:
+    raise ConfigError(f"config.optimizer must be one of {OPTIMIZERS}, "
+                      f"got {config.optimizer!r}")
+  clip = config.get("grad_clip_norm")
+  if clip is None:
+    return optimizer
+  return optax.chain(optax.clip_by_global_norm(clip), optimizer)
 
 
 def normalise_images(images: jax.Array, normalisation: Normalisation | None) -> jax.Array:
@@ -194,8 +215,11 @@ def normalise_images(images: jax.Array, normalisation: Normalisation | None) -> 
 
 
 def _on_normalised_images(fn: Callable, normalisation: Normalisation | None) -> Callable:
-  """``fn(x, batch)`` that first normalises ``batch["image"]`` (``normalise_images``)."""
+  """``fn(x, batch)`` that first normalises ``batch["image"]`` (``normalise_images``);
+  a batch without images (tokens) goes in as it is."""
   def step(x, batch):
+    if "image" not in batch:
+      return fn(x, batch)
     return fn(x, {**batch, "image": normalise_images(batch["image"], normalisation)})
   # The compiled program keeps the step's name (``jit(base_train_step)``), which
   # profiles and benchmarks/run.py's compile counts go by.
@@ -233,7 +257,8 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def _update(model, optimizer, loss_fn, subnet, params, batch_stats, opt_state, batch,
-            compute_sharding=None, to_logical=None, params_layout=None, rngs=None):
+            compute_sharding=None, to_logical=None, params_layout=None, rngs=None,
+            task=tasks.CLASSIFICATION):
   """One ordinary optimizer step of ``subnet`` on the given (view or full) arrays.
 
   ``compute_sharding`` (replicated, when the state is split over devices): the
@@ -250,16 +275,18 @@ def _update(model, optimizer, loss_fn, subnet, params, batch_stats, opt_state, b
   optimizers that is right for).
 
   ``params_layout``: the parameters' shardings, if any (``keep_finite_update``
-  reads no split leaf). ``rngs``: this batch's keys (``batch_rngs``)."""
+  reads no split leaf). ``rngs``: this batch's keys (``batch_rngs``). ``task``
+  (``motivation_jax.tasks``): what the model reads of the batch, the loss and
+  the accuracy."""
   def objective(p):
     if compute_sharding is not None:
       p = jax.lax.with_sharding_constraint(p, compute_sharding)
     if to_logical is not None:
       p = to_logical(p)
     variables = {"params": p, "batch_stats": batch_stats}
-    logits, mutated = model.apply(variables, batch["image"], subnet=subnet, train=True,
+    logits, mutated = model.apply(variables, task.inputs(batch), subnet=subnet, train=True,
                                   mutable=["batch_stats"], rngs=rngs)
-    return loss_fn(logits, batch["label"]), (logits, mutated.get("batch_stats", {}))
+    return task.loss(logits, batch, loss_fn), (logits, mutated.get("batch_stats", {}))
 
   (loss, (logits, new_stats)), grads = jax.value_and_grad(objective, has_aux=True)(params)
   # Known before the update, so XLA can fold the select into the optimizer's
@@ -270,7 +297,7 @@ def _update(model, optimizer, loss_fn, subnet, params, batch_stats, opt_state, b
   finite = all_finite(loss, grads)
   updates, new_opt_state = optimizer.update(grads, opt_state, params)
   new_params = optax.apply_updates(params, updates)
-  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+  accuracy = task.accuracy(logits, batch)
   # The motivated step updates whole arrays in place: order its selects. The
   # base step's are on views, and nesting.write_after orders their merges.
   select = functools.partial(keep_finite_update, params_layout=params_layout) if (
@@ -326,7 +353,8 @@ def keep_finite_update(finite: jax.Array, new: tuple[PyTree, PyTree, PyTree],
 
 def motivated_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_fn,
                          wmap: nesting.WeightsMap | None = None,
-                         state_sharding: TrainState | None = None, seed: int = 0
+                         state_sharding: TrainState | None = None, seed: int = 0,
+                         task=tasks.CLASSIFICATION
                          ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One step of the motivated model on the whole state; ``state_sharding`` (and
   ``wmap``, when it interleaves a leaf): as for ``base_train_step``; ``seed``:
@@ -340,7 +368,7 @@ def motivated_train_step(state: TrainState, batch: Batch, *, model, optimizer, l
       model, optimizer, loss_fn, "motivated", state.params, state.subnet_stats("motivated"),
       state.opt_state, batch, _compute_sharding(state_sharding), to_logical,
       None if state_sharding is None else state_sharding.params,
-      _step_rngs(model, seed, state.step, "motivated"))
+      _step_rngs(model, seed, state.step, "motivated"), task)
   return state.replace(step=state.step + 1, params=params,
                        batch_stats=state.with_subnet_stats("motivated", batch_stats),
                        opt_state=opt_state), metrics
@@ -349,7 +377,8 @@ def motivated_train_step(state: TrainState, batch: Batch, *, model, optimizer, l
 def base_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_fn,
                     wmap: nesting.WeightsMap, opt_regions: PyTree,
                     advance_step: bool = True, state_sharding: TrainState | None = None,
-                    seed: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
+                    seed: int = 0, task=tasks.CLASSIFICATION
+                    ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One step of the base on its view; ``advance_step=False`` leaves the batch
   counters (``state.step`` and the optimizer's non-parameter-shaped state, i.e.
   its update count) to a step that follows on the same batch.
@@ -371,7 +400,8 @@ def base_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_f
       nesting.base_view(state.params, wmap.params, params_layout),
       nesting.base_view(stats, stats_regions, stats_layout),
       nesting.base_view(state.opt_state, opt_regions, opt_layout), batch,
-      _compute_sharding(state_sharding), rngs=_step_rngs(model, seed, state.step, "base"))
+      _compute_sharding(state_sharding), rngs=_step_rngs(model, seed, state.step, "base"),
+      task=task)
   params = nesting.merge_base(state.params, params, wmap.params, params_layout)
   # The moments are overwritten only after the parameter update has read them
   # (nesting.write_after: otherwise XLA copies each one first).
@@ -418,14 +448,15 @@ def _compute_sharding(state_sharding: TrainState | None):
 
 def both_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_fn,
                     wmap: nesting.WeightsMap, opt_regions: PyTree,
-                    state_sharding: TrainState | None = None, seed: int = 0):
+                    state_sharding: TrainState | None = None, seed: int = 0,
+                    task=tasks.CLASSIFICATION):
   """Policy ``both``: a base step, then a motivated step, on the same batch.
 
   The two updates share one position of the learning-rate schedule: the base
   half does not advance the optimizer's count, so the schedule stays indexed by
   the global batch count under either policy.
   """
-  deps = dict(model=model, optimizer=optimizer, loss_fn=loss_fn, seed=seed)
+  deps = dict(model=model, optimizer=optimizer, loss_fn=loss_fn, seed=seed, task=task)
   before = state
   state, base_metrics = base_train_step(state, batch, wmap=wmap, opt_regions=opt_regions,
                                         advance_step=False, state_sharding=state_sharding,
@@ -448,7 +479,7 @@ def make_train_steps(model, optimizer: optax.GradientTransformation, *,
                      policy: str = "switch", jit: bool = True,
                      state_sharding: PyTree = None, batch_sharding: PyTree = None,
                      normalisation: Normalisation | None = None,
-                     seed: int = 0) -> dict[str, Callable]:
+                     seed: int = 0, task=tasks.CLASSIFICATION) -> dict[str, Callable]:
   """Builds the base and motivated train steps.
 
   Args:
@@ -456,7 +487,8 @@ def make_train_steps(model, optimizer: optax.GradientTransformation, *,
     optimizer: any optax transformation whose ``init`` maps parameter trees to
       state trees (what ``optax.tree_map_params`` needs).
     wmap: ``nesting.weights_map(model, ...)``.
-    loss_fn: ``(logits, labels) -> scalar``.
+    loss_fn: ``(logits, labels) -> scalar`` (classification's; the causal-LM
+      task's loss is its own token-weighted cross-entropy).
     policy: ``"switch"``: a motivated batch trains the motivated model only;
       ``"both"``: the "motivated" step is a base step followed by a motivated
       step on the same batch (one compiled program, two optimizer updates at
@@ -475,6 +507,8 @@ def make_train_steps(model, optimizer: optax.GradientTransformation, *,
     seed: the RNG a model's train mode draws from (dropout): batch ``t``'s keys
       are ``batch_rngs(seed, t, subnet)``, passed as ``model.apply(rngs=...)``
       for the streams ``model.rng_streams`` names (default ``RNG_STREAMS``).
+    task: ``tasks.CLASSIFICATION`` (``image``, ``label``) or ``tasks.CAUSAL_LM``
+      (``tokens``): what a batch holds, the loss and the accuracy.
 
   Returns:
     ``{"base": fn, "motivated": fn}`` with ``fn(state, batch) -> (state, metrics)``.
@@ -482,7 +516,7 @@ def make_train_steps(model, optimizer: optax.GradientTransformation, *,
   if policy not in POLICIES:
     raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
   opt_regions = nesting.opt_state_regions(optimizer, wmap.params)
-  deps = dict(model=model, optimizer=optimizer, loss_fn=loss_fn, seed=seed)
+  deps = dict(model=model, optimizer=optimizer, loss_fn=loss_fn, seed=seed, task=task)
   # Per-leaf shardings (not one sharding for the whole state) reach the base
   # step, whose slices of split leaves need them.
   layout = state_sharding if isinstance(state_sharding, TrainState) else None
@@ -581,23 +615,19 @@ def make_order_converters(optimizer: optax.GradientTransformation, *,
 
 
 def eval_step(variables: Mapping[str, PyTree], batch: Batch, *, model, subnet: str,
-              loss_fn=cross_entropy_loss) -> dict[str, jax.Array]:
-  """Sums over one eval batch: loss, correct predictions and example count."""
-  logits = model.apply(variables, batch["image"], subnet=subnet, train=False)
-  mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32)).astype(jnp.float32)
-  losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), batch["label"])
-  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-  return {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask),
-          "count": jnp.sum(mask)}
+              loss_fn=cross_entropy_loss, task=tasks.CLASSIFICATION) -> dict[str, jax.Array]:
+  """Sums over one eval batch: loss, correct predictions and the count of
+  examples (classification) or targets (causal LM) the ``mask`` keeps."""
+  logits = model.apply(variables, task.inputs(batch), subnet=subnet, train=False)
+  return task.eval_sums(logits, batch)
 
 
-def make_eval_steps(model, *, jit: bool = True, normalisation: Normalisation | None = None
-                    ) -> dict[str, Callable]:
+def make_eval_steps(model, *, jit: bool = True, normalisation: Normalisation | None = None,
+                    task=tasks.CLASSIFICATION) -> dict[str, Callable]:
   """``{"base": fn, "motivated": fn}`` with ``fn(variables, batch) -> sums``; a
   uint8 ``image`` is normalised with ``normalisation`` as in ``make_train_steps``."""
   steps = {subnet: _on_normalised_images(
-      functools.partial(eval_step, model=model, subnet=subnet), normalisation)
+      functools.partial(eval_step, model=model, subnet=subnet, task=task), normalisation)
            for subnet in ("base", "motivated")}
   return {k: jax.jit(f) for k, f in steps.items()} if jit else steps
 

@@ -34,8 +34,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from motivation_jax import (agreement, checkpoint, config_lib, data, files, lease, models,
-                            nesting, recalibration, sharding, steps)
+from motivation_jax import (agreement, checkpoint, config_lib, data, files, lease, lm, models,
+                            nesting, recalibration, sharding, steps, tasks)
 from motivation_jax.controller import Controller
 from motivation_jax.errors import ConfigError, Preempted, TrainingError
 from motivation_jax.metrics import MetricWriter, cut_jsonl, finite_json
@@ -90,11 +90,22 @@ def check_config(config) -> None:
   if "mesh" not in config:
     raise ConfigError("config.mesh is missing (configs/default.py lists every key)")
   sharding.check_mesh_config(config.mesh)  # setup checks it against the devices
+  clip = config.get("grad_clip_norm")
+  if clip is not None and not (isinstance(clip, numbers.Real) and not isinstance(clip, bool)
+                               and math.isfinite(clip) and clip > 0):
+    raise ConfigError(f"config.grad_clip_norm must be None (off) or a finite number > 0, "
+                      f"got {clip!r}")
+  # The task: what a batch holds and what is minimised (motivation_jax.tasks).
+  if tasks.of_config(config) is tasks.CAUSAL_LM:
+    lm.check_config(config)
+  else:
+    lm.check_classification_config(config)
 
 
 # What a run writes in its workdir: name -> whether it is a folder.
 WORKDIR_ENTRIES = {"checkpoints": True, "tensorboard": True, "decisions.jsonl": False,
-                   "metrics.jsonl": False, "summary.json": False, lease.FILE: False}
+                   "metrics.jsonl": False, "summary.json": False, lease.FILE: False,
+                   lm.TOKENIZER_FILE: False}
 
 
 def check_workdir(workdir: str) -> None:
@@ -127,9 +138,15 @@ def build(config, dataset: data.Dataset):
     controller = Controller.from_config(config.motivation)
   except ValueError as e:  # the controller's checks of its own config
     raise ConfigError(f"config.motivation: {e}") from e
-  sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
-  wmap = nesting.weights_map(model, sample, subnet="motivated")
+  wmap = nesting.weights_map(model, _sample(config, dataset), subnet="motivated")
   return model, wmap, controller
+
+
+def _sample(config, dataset, batch: int = 1) -> jax.Array:
+  """An input batch of the model's shape: zero images, or tokens of the context."""
+  if tasks.of_config(config) is tasks.CAUSAL_LM:
+    return jnp.zeros((batch, config.model.seq_len), jnp.int32)
+  return jnp.zeros((batch, *dataset.image_shape), jnp.float32)
 
 
 def _check_sample(config, dataset: data.Dataset) -> jax.Array | None:
@@ -137,6 +154,8 @@ def _check_sample(config, dataset: data.Dataset) -> jax.Array | None:
   a user's module (None for the package's own families, which need none)."""
   if not config.model.get("module"):
     return None
+  if tasks.of_config(config) is tasks.CAUSAL_LM:
+    return lm.sample(dataset.num_classes, config.model.seq_len, 8, config.seed)
   return jax.random.normal(jax.random.key(config.seed), (8, *dataset.image_shape))
 
 
@@ -169,6 +188,12 @@ class Run:
   lease: lease.Lease | lease.Follower | None = None
   # A user's own module (models/paired.py): whether its base is exactly nested, the gap.
   nesting: dict | None = None
+  # config.task's (motivation_jax.tasks), and when to evaluate and checkpoint.
+  task: Any = tasks.CLASSIFICATION
+  schedule: lm.Schedule | None = None
+  # Seconds spent in the train loop and, within it, in evaluations (tokens/s).
+  loop_time_s: float = 0.0
+  eval_time_s: float = 0.0
 
   _eval_stats: tuple[int, dict | None] | None = None
 
@@ -180,13 +205,18 @@ class Run:
       self._eval_stats = (step, self.recalibrate(state))
     return self._eval_stats[1]
 
+  def __post_init__(self):
+    if self.schedule is None:
+      self.schedule = lm.schedule(self.config, self.train_data.steps_per_epoch)
+
   @property
   def total_steps(self) -> int:
-    return self.config.num_epochs * self.train_data.steps_per_epoch
+    return self.schedule.total_steps
 
   def epoch_ends(self, step: int, every_epochs: int) -> bool:
-    """Whether batch ``step`` ends an epoch that is a multiple of ``every_epochs``."""
-    per_epoch = self.train_data.steps_per_epoch
+    """Whether batch ``step`` ends a period (an epoch; for LMs ``lm.Schedule``'s)
+    that is a multiple of ``every_epochs``."""
+    per_epoch = self.schedule.period
     return step % per_epoch == 0 and (step // per_epoch) % every_epochs == 0
 
   def close(self, *, release_lease: bool = True) -> None:
@@ -219,11 +249,15 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, steps.T
 
 def _setup(config: ml_collections.ConfigDict, workdir: str, held
            ) -> tuple[Run, steps.TrainState]:
-  dataset = data.get_dataset(config.dataset, config.data_dir,
-                             mock_examples=config.mock_data_examples,
-                             image_size=config.image_size)
+  task = tasks.of_config(config)
+  if task is tasks.CAUSAL_LM:
+    dataset = lm.load(config, workdir, chief=jax.process_index() == 0)
+  else:
+    dataset = data.get_dataset(config.dataset, config.data_dir,
+                               mock_examples=config.mock_data_examples,
+                               image_size=config.image_size)
   model, wmap, controller = build(config, dataset)
-  if config.batch_size > len(dataset.train):
+  if task is tasks.CLASSIFICATION and config.batch_size > len(dataset.train):
     raise ConfigError(f"config.batch_size={config.batch_size} exceeds the {len(dataset.train)} "
                       f"training examples of {dataset.name}")
   # A data x fsdp mesh over every device (config.mesh): each batch split over
@@ -232,15 +266,18 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, held
   for name in ("batch_size", "eval_batch_size"):
     sharding.check_batch_size(name, config[name], mesh)
   batch_sharding = sharding.batch_sharding(mesh)
-  train_data = data.TrainBatches(
-      dataset, config.batch_size, seed=config.seed, augment=config.augment,
-      rows=sharding.process_rows(batch_sharding, config.batch_size))
-  eval_data = data.EvalBatches(
-      dataset, config.eval_batch_size,
-      rows=sharding.process_rows(batch_sharding, config.eval_batch_size))
-  total_steps = config.num_epochs * train_data.steps_per_epoch
-  optimizer = steps.make_optimizer(config, total_steps, train_data.steps_per_epoch)
-  sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
+  train_rows = sharding.process_rows(batch_sharding, config.batch_size)
+  eval_rows = sharding.process_rows(batch_sharding, config.eval_batch_size)
+  if task is tasks.CAUSAL_LM:
+    train_data, eval_data = lm.batches(config, dataset, train_rows=train_rows,
+                                       eval_rows=eval_rows)
+  else:
+    train_data = data.TrainBatches(dataset, config.batch_size, seed=config.seed,
+                                   augment=config.augment, rows=train_rows)
+    eval_data = data.EvalBatches(dataset, config.eval_batch_size, rows=eval_rows)
+  schedule = lm.schedule(config, train_data.steps_per_epoch)
+  optimizer = steps.make_optimizer(config, schedule.total_steps, train_data.steps_per_epoch)
+  sample = _sample(config, dataset)
   # The state's layout from its shapes alone (no FLOPs): replicated, or with
   # mesh.fsdp > 1 split by the fsdp rule; then the state is created in it.
   state_sharding = sharding.train_state_sharding(
@@ -248,12 +285,13 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, held
                                  batch_norm_stats=config.model.batch_norm_stats),
       mesh, min_bytes=config.mesh.fsdp_min_mib * 2**20)
   # Host batches carry uint8 images; the steps normalise them on the device.
-  normalisation = (dataset.mean, dataset.std)
+  normalisation = (dataset.mean, dataset.std) if task is tasks.CLASSIFICATION else None
   train_steps = steps.make_train_steps(model, optimizer, wmap=wmap,
                                        policy=config.motivation.policy,
                                        state_sharding=state_sharding,
                                        batch_sharding=batch_sharding,
-                                       normalisation=normalisation, seed=config.seed)
+                                       normalisation=normalisation, seed=config.seed,
+                                       task=task)
   state = steps.create_train_state(
       model, optimizer, jax.random.key(config.seed), sample,
       batch_norm_stats=config.model.batch_norm_stats,
@@ -276,8 +314,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, held
   run = Run(config=config, dataset=dataset, wmap=wmap, controller=controller,
             train_data=train_data, eval_data=eval_data,
             put=put, train_steps=compiled,
-            eval_steps=steps.make_eval_steps(model, normalisation=normalisation),
-            recalibrate=make_recalibrate(config, model, wmap, dataset, batch_sharding, put),
+            eval_steps=steps.make_eval_steps(model, normalisation=normalisation, task=task),
+            recalibrate=(make_recalibrate(config, model, wmap, dataset, batch_sharding, put)
+                         if task is tasks.CLASSIFICATION else lambda state: None),
             # XLA counts one device's share of the partitioned program: times the
             # devices, the FLOPs every device executed together.
             flops={kind: steps.compiled_flops(c) * mesh.size for kind, c in compiled.items()},
@@ -286,7 +325,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, held
             order=steps.make_order_converters(optimizer, wmap=wmap,
                                               state_sharding=state_sharding),
             log_interval=log_interval, lease=held,
-            nesting=model.describe() if hasattr(model, "describe") else None)
+            nesting=model.describe() if hasattr(model, "describe") else None,
+            task=task, schedule=schedule)
   return run, state
 
 
@@ -320,7 +360,8 @@ def make_recalibrate(config, model, wmap: nesting.WeightsMap, dataset: data.Data
 SAFE_TO_CHANGE_ON_RESUME = (
     "num_epochs", "log_every_steps", "eval_every_epochs", "checkpoint_every_epochs",
     "bn_recalibration_batches", "eval_batch_size", "data_threads", "data_workers",
-    "data_dir", "progress_bar", "max_nonfinite_steps", "mesh.", "dtype", "lease_ttl_s")
+    "data_dir", "progress_bar", "max_nonfinite_steps", "mesh.", "dtype", "lease_ttl_s",
+    *lm.SAFE_TO_CHANGE_ON_RESUME)
 _CHECKED_ELSEWHERE = ("motivation.", "seed", "batch_size")
 
 
@@ -530,7 +571,9 @@ def train(run: Run, state: steps.TrainState) -> tuple[steps.TrainState, dict[str
   with StopRequest(run.ckpt) as stop:
     # The steps read and write the storage order (a permutation within the
     # split leaves, docs/sharding.md); the state goes in and out in logical order.
+    start = time.perf_counter()
     state, eval_metrics = _train(run, run.order["storage"](state), stop)
+    run.loop_time_s += time.perf_counter() - start
     return run.order["logical"](state), eval_metrics
 
 
@@ -551,7 +594,7 @@ def _train(run: Run, state: steps.TrainState, stop: StopRequest
       workers=config.data_workers), run.put)
   # What every batch asks, looked up once (a ConfigDict attribute costs about a
   # µs, a tenth of the loop's own host work per batch; benchmarks/run.py).
-  total, per_epoch = run.total_steps, run.train_data.steps_per_epoch
+  total, per_epoch = run.total_steps, run.schedule.period
   log_every = config.log_every_steps
   next_kind, push, train_steps = decisions.next_kind, pending.push, run.train_steps
   for t, batch in zip(range(run.first_step, total), batches):
@@ -563,10 +606,10 @@ def _train(run: Run, state: steps.TrainState, stop: StopRequest
     if step % log_every == 0:
       log_training(run, step, pending.interval_means(), bar)
     stopping = stop.reached(step) and step < total
-    if step % per_epoch and not stopping:
-      continue  # evaluations and checkpoints fall on epoch ends (the last batch ends one)
-    evaluate_now = run.epoch_ends(step, config.eval_every_epochs) or step == total
-    save_now = (run.epoch_ends(step, config.checkpoint_every_epochs)
+    if step % per_epoch and step != total and not stopping:
+      continue  # evaluations and checkpoints fall on epoch (period) ends and the last batch
+    evaluate_now = run.epoch_ends(step, run.schedule.eval_every) or step == total
+    save_now = (run.epoch_ends(step, run.schedule.checkpoint_every)
                 or step == total or stopping)
     if evaluate_now or save_now:
       decisions.flush()  # before waiting on this step's state
@@ -592,8 +635,10 @@ def log_training(run: Run, step: int, means: dict[str, float], bar: tqdm.tqdm) -
 
 
 def evaluate(eval_steps, state, eval_data: data.EvalBatches, put, threads: int,
-             eval_stats: dict | None = None, *, workers: int = 0) -> dict[str, float]:
-  """Test accuracy and loss of each sub-network, every test example counted once,
+             eval_stats: dict | None = None, *, workers: int = 0,
+             task=tasks.CLASSIFICATION) -> dict[str, float]:
+  """Test accuracy and loss of each sub-network, every test example (or held-out
+  target token: then bits per byte and perplexity too, ``tasks``) counted once,
   with the batch-norm statistics ``eval_stats`` gives (``{"base": tree,
   "motivated": tree}``, recalibrated) or else the state's running averages.
   ``state`` in logical order (``Run.order``)."""
@@ -607,9 +652,9 @@ def evaluate(eval_steps, state, eval_data: data.EvalBatches, put, threads: int,
     for subnet, fn in eval_steps.items():
       sums[subnet].update(jax.device_get(fn(variables[subnet], batch)))
   out = {}
+  extra = ({"bytes_per_token": eval_data.bytes_per_token} if task is tasks.CAUSAL_LM else {})
   for subnet, s in sums.items():
-    out[f"{subnet}/test_accuracy"] = float(s["correct"] / s["count"])
-    out[f"{subnet}/test_loss"] = float(s["loss_sum"] / s["count"])
+    out.update({f"{subnet}/{k}": v for k, v in task.eval_metrics(s, **extra).items()})
   return out
 
 
@@ -628,7 +673,8 @@ def evaluate_run(run: Run, state: steps.TrainState, *, compare: bool = False
   state = run.order["logical"](state)
   eval_stats = run.eval_stats(state)
   metrics = evaluate(run.eval_steps, state, run.eval_data, run.put,
-                     run.config.data_threads, eval_stats, workers=run.config.data_workers)
+                     run.config.data_threads, eval_stats, workers=run.config.data_workers,
+                     task=run.task)
   if compare and eval_stats is not None:
     running = evaluate(run.eval_steps, state, run.eval_data, run.put, run.config.data_threads,
                        workers=run.config.data_workers)
@@ -638,21 +684,25 @@ def evaluate_run(run: Run, state: steps.TrainState, *, compare: bool = False
 
 def evaluate_and_log(run: Run, state: steps.TrainState, step: int, bar: tqdm.tqdm
                      ) -> dict[str, float]:
+  start = time.perf_counter()
   epoch = step // run.train_data.steps_per_epoch
-  compare = (epoch <= COMPARED_EVALUATIONS * run.config.eval_every_epochs
+  compare = (step // run.schedule.period <= COMPARED_EVALUATIONS * run.schedule.eval_every
              or step == run.total_steps)
   metrics = evaluate_run(run, state, compare=compare)
   run.writer.write(step, {**metrics, "epoch": epoch})
-  bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                            if "running_stats" not in k))
+  if run.schedule.unit == "batch":  # LM runs count steps (lm.Schedule)
+    epoch = step
+  bar.write(f"{run.schedule.unit} {epoch}: " + ", ".join(
+      f"{k} {v:.4f}" for k, v in metrics.items() if "running_stats" not in k))
   _, bad = finite_json(metrics)
   if bad:  # the training loss stayed finite (else the run stopped): the weights diverged
-    bar.write(f"warning: {', '.join(bad)} not finite at epoch {epoch}: that model diverged; "
-              "lower config.learning_rate")
+    bar.write(f"warning: {', '.join(bad)} not finite at {run.schedule.unit} {epoch}: that "
+              "model diverged; lower config.learning_rate")
   worse = worse_than_guessing(run, metrics)
   if worse:
-    bar.write(f"warning: at epoch {epoch} {'; '.join(worse)}: training diverged; "
+    bar.write(f"warning: at {run.schedule.unit} {epoch} {'; '.join(worse)}: training diverged; "
               "lower config.learning_rate")
+  run.eval_time_s += time.perf_counter() - start
   return metrics
 
 
@@ -817,6 +867,8 @@ def summarize(run: Run, eval_metrics: dict[str, float], wall_time_s: float) -> d
       **({"nesting": run.nesting} if run.nesting else {}),
       # The same accuracies with the running averages, where they differ.
       **{k: v for k, v in eval_metrics.items() if k.endswith("test_accuracy_running_stats")},
+      # A language model's held-out loss, bits per byte, perplexity, FLOPs per token, tokens/s.
+      **(lm.summary_fields(run, eval_metrics) if run.task is tasks.CAUSAL_LM else {}),
   }
 
 
@@ -824,22 +876,27 @@ def format_summary(summary: dict[str, Any]) -> str:
   """The summary as a small table for the terminal."""
   flops, params = summary["flops_per_step"], summary["params"]
   ratio = summary["training_flops"] / summary["large_alone_flops"]
-  rows = [
-      ("", "base", "motivated"),
-      ("test accuracy", f"{summary['base/test_accuracy']:.4f}",
-       f"{summary['motivated/test_accuracy']:.4f}"),
-      ("parameters", f"{params['base']:,}", f"{params['motivated']:,}"),
-      ("train steps", f"{summary['base_steps']:,}", f"{summary['motivated_steps']:,}"),
-      ("FLOPs per step", f"{flops['base']:.3e}", f"{flops['motivated']:.3e}"),
-  ]
+  if summary.get("task") == "causal_lm":  # held-out bits per byte, FLOPs per token, tokens/s
+    header, rows, extra = lm.summary_table(summary)
+  else:
+    header = (f"{summary['dataset']}: {summary['train_examples']:,} training and "
+              f"{summary['test_examples']:,} test examples")
+    rows = [
+        ("test accuracy", f"{summary['base/test_accuracy']:.4f}",
+         f"{summary['motivated/test_accuracy']:.4f}"),
+        ("parameters", f"{params['base']:,}", f"{params['motivated']:,}"),
+        ("train steps", f"{summary['base_steps']:,}", f"{summary['motivated_steps']:,}"),
+        ("FLOPs per step", f"{flops['base']:.3e}", f"{flops['motivated']:.3e}"),
+    ]
+    extra = []
+  rows = [("", "base", "motivated"), *rows]
   width = max(len(r[0]) for r in rows)
-  lines = [f"{a:<{width}}  {b:>14}  {c:>14}" for a, b, c in rows]
-  lines = [f"{summary['dataset']}: {summary['train_examples']:,} training and "
-           f"{summary['test_examples']:,} test examples"] + lines
+  lines = [header] + [f"{a:<{width}}  {b:>14}  {c:>14}" for a, b, c in rows]
   lines += [
       f"activations of the motivated model: {summary['activations']:,}",
       f"training FLOPs: {summary['training_flops']:.3e} = {ratio:.1%} of training the "
       f"motivated model alone on every batch ({summary['large_alone_flops']:.3e})",
+      *extra,
       f"wall time: {summary['wall_time_s']:.1f} s",
   ]
   if summary.get("nonfinite_steps"):

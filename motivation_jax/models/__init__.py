@@ -35,7 +35,8 @@ import jax.numpy as jnp
 
 from motivation_jax.common import check_keys
 from motivation_jax.errors import ConfigError
-from motivation_jax.models import cnn, efficientnet, mlp, paired as paired_lib, resnet, vit
+from motivation_jax.models import (cnn, efficientnet, mlp, nested_transformer,
+                                   paired as paired_lib, resnet, vit)
 from motivation_jax.models.efficientnet import NestedEfficientNet
 from motivation_jax.models.mlp import NestedMLP
 from motivation_jax.models.paired import Paired
@@ -44,7 +45,11 @@ from motivation_jax.models.vit import NestedViT
 
 # Family name (config.model.name) -> module with ``from_config``.
 FAMILIES = {
-    "mlp": mlp, "cnn": cnn, "resnet": resnet, "efficientnet": efficientnet, "vit": vit}
+    "mlp": mlp, "cnn": cnn, "resnet": resnet, "efficientnet": efficientnet, "vit": vit,
+    "transformer": nested_transformer}
+# The families of each task (config.task): a classifier's logits are per
+# example, a language model's per token.
+LANGUAGE_MODELS = ("transformer",)
 # Keys of config.model that are not options of the family.
 _COMMON_KEYS = ("name", "base", "motivated", "batch_norm_stats", "extension_init", "module")
 # Keys of config.model a user's own module (config.model.module) may have
@@ -78,9 +83,13 @@ def build_model(config: Mapping[str, Any], num_classes: int, *, dtype: str = "fl
     raise ConfigError(f"unknown model {name!r}; known: {', '.join(sorted(FAMILIES))}")
   from_config = FAMILIES[name].from_config
   accepted = [p for p in inspect.signature(from_config).parameters
-              if p not in ("base", "motivated", "num_classes")]
+              if p not in ("base", "motivated", "num_classes", "dtype")]
   options = {k: config[k] for k in config if k not in _COMMON_KEYS}
   check_keys(options, accepted, f"an option of the {name} family")
+  if "dtype" in inspect.signature(from_config).parameters:
+    # A family built by the paired adapter (transformer) takes the dtype itself.
+    return from_config(dict(config["base"]), dict(config["motivated"]), num_classes,
+                       dtype=dtype, **options)
   model = from_config(dict(config["base"]), dict(config["motivated"]), num_classes, **options)
   # Every family has a ``dtype`` field that its layers inherit; ``standalone``
   # keeps it, so an exported model records it in model.json.
