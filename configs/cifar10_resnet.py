@@ -20,7 +20,8 @@ Mixed precision on a GPU or TPU: add ``--config.dtype=bfloat16`` (bfloat16 compu
 float32 weights, optimizer state, batch-norm statistics and loss; docs/models.md). Its
 speed and accuracy for this config are not measured yet.
 
-Smoke variant, tiny and on TFDS mock data (seconds, any machine):
+Smoke variant, ResNet-20 in ResNet-32 at a quarter of the width, on TFDS mock data
+(its test, which also exports, took 24 s on a 2-core AMD EPYC, 2026-12-03):
 
   python -m motivation_jax.main --config=configs/cifar10_resnet.py:smoke --workdir=/tmp/smoke
 """
@@ -46,7 +47,8 @@ def get_config(arg: str | None = None):
   config.checkpoint_every_epochs = 5
   config.log_every_steps = 100
 
-  def smoke(config):
+  def smoke(config):  # ResNet-20 in ResNet-32, narrow: the code paths, compiled fast
     config.model.base.width = config.model.motivated.width = 0.25
+    config.model.motivated.arch = "resnet32"
 
   return config_lib.variant(config, arg, smoke=smoke)

@@ -20,7 +20,7 @@ FAMILY_CONFIGS = [c for c in CONFIGS if c != "default.py"]
 # EfficientNet's smoke pair (7 and 8 blocks) takes about 45 s to compile on a
 # 2-core CPU; test_steps.py, test_step_costs.py and
 # test_efficientnet.py test that family's code on a small model in the default run.
-# CIFAR-10's ResNet-20 in ResNet-56 (about a minute from a cold compile cache) too:
+# CIFAR-10's smoke ResNet-20 in ResNet-32 (about 25 s from a cold compile cache) too:
 # test_resnet.py and test_steps.py take that family's code on small models.
 SLOW_SMOKE = ("imagenet_resnet.py", "imagenet_vit.py", "cifar100_efficientnet.py",
               "cifar10_resnet.py")
@@ -106,6 +106,7 @@ def test_fashion_mnist_cnn_trains_on_the_real_split_offline(tmp_path):
   config = _load("fashion_mnist_cnn.py")
   # The config as it is, but one epoch of narrower models in big batches (seconds).
   config.num_epochs, config.batch_size, config.eval_batch_size = 1, 1000, 1000
+  config.bn_recalibration_batches = 2
   config.model.base = {"widths": (4, 8), "depths": (1, 1)}
   config.model.motivated = {"widths": (8, 16), "depths": (1, 2)}
   config.progress_bar = False

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import ROOT, load_default_config
+from conftest import ROOT, SMALL_MLP, load_default_config
 from motivation_jax import data, recalibration, steps, train
 from motivation_jax.data.sources import ArraySource
 from motivation_jax.errors import ConfigError
@@ -169,23 +169,18 @@ def _run_main(workdir, *overrides):
       cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow  # a whole run; the workers' batches are checked in process above
-def test_a_plain_python_m_start_with_workers_runs_to_the_end(tmp_path):
-  """Workers re-import ``motivation_jax.main`` as ``__mp_main__`` (spawn): no
-  second ``main()``, no second ``jax.distributed``, flags readable."""
-  result = _run_main(tmp_path, "--config.data_workers=2")
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "Traceback" not in result.stderr
-  summary = json.load(open(tmp_path / "summary.json"))
-  assert summary["base_steps"] + summary["motivated_steps"] == 22  # 1,437 // 64, one epoch
-
-
-@pytest.mark.slow
-def test_a_run_with_workers_takes_the_decisions_of_a_run_with_threads(tmp_path):
+@pytest.mark.slow  # two whole runs; the workers' batches are checked in process above
+def test_a_run_with_workers_runs_to_the_end_with_the_decisions_of_a_run_with_threads(tmp_path):
+  """A plain ``python -m`` start with workers: they re-import
+  ``motivation_jax.main`` as ``__mp_main__`` (spawn), with no second ``main()``,
+  no second ``jax.distributed`` and flags readable; and its batches are the
+  threads' (a small MLP: the data path is what is tested)."""
   for name, workers in (("workers", 2), ("threads", 0)):
-    result = _run_main(tmp_path / name, f"--config.data_workers={workers}")
+    result = _run_main(tmp_path / name, f"--config.data_workers={workers}", *SMALL_MLP)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
   summaries = [json.load(open(tmp_path / name / "summary.json")) for name in ("workers", "threads")]
+  assert summaries[0]["base_steps"] + summaries[0]["motivated_steps"] == 22  # 1,437 // 64
   keys = ("base/test_accuracy", "motivated/test_accuracy", "base_steps", "motivated_steps")
   assert [summaries[0][k] for k in keys] == [summaries[1][k] for k in keys]
   decisions = [open(tmp_path / name / "decisions.jsonl").read() for name in ("workers", "threads")]

@@ -240,7 +240,7 @@ def _table(text):
 
 @pytest.mark.slow
 def test_two_processes_decide_alike_and_summarize_as_one_process(tmp_path):
-  overrides = ["--config.num_epochs=2", *FAST]
+  overrides = ["--config.num_epochs=2", *FAST, *SMALL_MLP]
   status, out, err = run_launcher(
       ["bash", LOCAL, "2", f"--config={CONFIG}", f"--workdir={tmp_path}/two", *overrides],
       timeout=480, env={"LOG_DIR": str(tmp_path / "logs")})
