@@ -36,6 +36,7 @@ import tqdm
 
 from motivation_jax import (agreement, checkpoint, config_lib, data, files, lease, models,
                             nesting, recalibration, sharding, steps)
+from motivation_jax import compilation
 from motivation_jax.controller import Controller
 from motivation_jax.errors import ConfigError, Preempted, TrainingError
 from motivation_jax.metrics import MetricWriter, cut_jsonl, finite_json
@@ -320,7 +321,8 @@ def make_recalibrate(config, model, wmap: nesting.WeightsMap, dataset: data.Data
 SAFE_TO_CHANGE_ON_RESUME = (
     "num_epochs", "log_every_steps", "eval_every_epochs", "checkpoint_every_epochs",
     "bn_recalibration_batches", "eval_batch_size", "data_threads", "data_workers",
-    "data_dir", "progress_bar", "max_nonfinite_steps", "mesh.", "dtype", "lease_ttl_s")
+    "data_dir", "progress_bar", "max_nonfinite_steps", "mesh.", "dtype", "lease_ttl_s",
+    "compilation_cache_dir")
 _CHECKED_ELSEWHERE = ("motivation.", "seed", "batch_size")
 
 
@@ -741,11 +743,16 @@ def save(run: Run, state: steps.TrainState, pending: PendingMetrics, step: int) 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains both sub-networks and returns the summary (also in workdir/summary.json)."""
   start_time = time.time()
-  run, state = setup(config, workdir)  # takes the workdir's lease
-  try:
-    summary, worse = _train_and_summarize(run, state, start_time)
-  finally:  # the end, an error, SIGTERM or SIGINT (Preempted, KeyboardInterrupt)
-    run.lease.release()
+  # Before the first compile (motivation_jax.compilation): every program this
+  # run compiles, or reads back from the cache, is counted in its summary.
+  cache_dir = compilation.use_cache(config.get("compilation_cache_dir"))
+  with compilation.CompileLog() as compiles:
+    run, state = setup(config, workdir)  # takes the workdir's lease
+    try:
+      summary, worse = _train_and_summarize(run, state, start_time,
+                                            compiled=lambda: compiles.summary(cache_dir))
+    finally:  # the end, an error, SIGTERM or SIGINT (Preempted, KeyboardInterrupt)
+      run.lease.release()
   if worse:  # not a success, whatever was written: a scheduler must see it
     raise TrainingError(f"the run ended, but {'; '.join(worse)}: training diverged; its "
                         f"summary and last checkpoint are in {workdir}; lower "
@@ -753,7 +760,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return summary
 
 
-def _train_and_summarize(run: Run, state: steps.TrainState, start_time: float
+def _train_and_summarize(run: Run, state: steps.TrainState, start_time: float, *,
+                         compiled: Callable[[], dict] | None = None
                          ) -> tuple[dict[str, Any], list[str]]:
   """``train``, then the summary, written to workdir/summary.json while the
   run still holds its lease."""
@@ -773,6 +781,8 @@ def _train_and_summarize(run: Run, state: steps.TrainState, start_time: float
     raise
   run.close(release_lease=False)
   summary = summarize(run, eval_metrics, time.time() - start_time)
+  if compiled is not None:
+    summary["compilation"] = compiled()
   worse = worse_than_guessing(run, eval_metrics)
   if worse:
     summary["diverged"] = [w.split()[1] for w in worse]
@@ -847,4 +857,6 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"{summary['nonfinite_steps']:,}")
   if summary["resumed_from_step"]:
     lines[-1] += f" (this process, resumed at batch {summary['resumed_from_step']:,})"
+  if "compilation" in summary:
+    lines.append(compilation.describe(summary["compilation"]))
   return "\n".join(lines)
