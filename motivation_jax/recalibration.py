@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Mapping
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from motivation_jax import data, nesting
 from motivation_jax.common import SUBNETS
@@ -52,6 +53,20 @@ def _moments(variables: Mapping[str, PyTree], images: jax.Array, *, model, subne
   _, mutated = model.apply(variables, images, subnet=subnet, train=True,
                            mutable=["batch_moments"])
   return mutated["batch_moments"]
+
+
+def _host_zeros(shapes: PyTree, images: jax.Array) -> PyTree:
+  """Zeros of ``shapes``, replicated on the devices of ``images``, made on the
+  host: no program per shape (``jnp.zeros`` compiles one), and already laid
+  out as the sums ``accumulate`` returns, so its first call compiles the
+  program every later call runs (zeros on one device would compile another)."""
+  sharding = images.sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    # Replicated: every process's share is the whole array.
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        replicated, np.zeros(x.shape, x.dtype)), shapes)
+  return jax.tree.map(lambda x: jax.device_put(np.zeros(x.shape, x.dtype)), shapes)
 
 
 def make_recalibrate(model, wmap: nesting.WeightsMap, *,
@@ -101,10 +116,9 @@ def make_recalibrate(model, wmap: nesting.WeightsMap, *,
     sums, count = None, 0
     for batch in batches:
       if sums is None:  # zeros of the moments' shapes, known without running anything
-        sums = {subnet: jax.tree.map(
-            lambda x: jnp.zeros(x.shape, x.dtype),
-            jax.eval_shape(fn, state.variables(subnet),
-                           normalise_images(batch["image"], normalisation)))
+        sums = {subnet: _host_zeros(jax.eval_shape(
+            lambda v, x, fn=fn: fn(v, normalise_images(x, normalisation)),
+            state.variables(subnet), batch["image"]), batch["image"])
             for subnet, fn in moments.items()}
       for subnet, step in steps.items():
         sums[subnet] = step(sums[subnet], state.variables(subnet), batch["image"])

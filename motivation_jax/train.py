@@ -128,7 +128,7 @@ def build(config, dataset: data.Dataset):
     controller = Controller.from_config(config.motivation)
   except ValueError as e:  # the controller's checks of its own config
     raise ConfigError(f"config.motivation: {e}") from e
-  sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
+  sample = np.zeros((1, *dataset.image_shape), np.float32)
   wmap = nesting.weights_map(model, sample, subnet="motivated")
   return model, wmap, controller
 
@@ -241,7 +241,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, held
       rows=sharding.process_rows(batch_sharding, config.eval_batch_size))
   total_steps = config.num_epochs * train_data.steps_per_epoch
   optimizer = steps.make_optimizer(config, total_steps, train_data.steps_per_epoch)
-  sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
+  sample = np.zeros((1, *dataset.image_shape), np.float32)
   # The state's layout from its shapes alone (no FLOPs): replicated, or with
   # mesh.fsdp > 1 split by the fsdp rule; then the state is created in it.
   state_sharding = sharding.train_state_sharding(
@@ -256,7 +256,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, held
                                        batch_sharding=batch_sharding,
                                        normalisation=normalisation, seed=config.seed)
   state = steps.create_train_state(
-      model, optimizer, jax.random.key(config.seed), sample,
+      model, optimizer, config.seed, sample,  # the key is made in its program
       batch_norm_stats=config.model.batch_norm_stats,
       extension_init=config.model.extension_init, state_sharding=state_sharding)
   ckpt = checkpoint.Checkpointer(files.join(workdir, "checkpoints"))
