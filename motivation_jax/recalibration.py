@@ -105,6 +105,15 @@ def make_recalibrate(model, wmap: nesting.WeightsMap, *,
 
   steps = {subnet: jax.jit(functools.partial(accumulate, subnet=subnet), donate_argnums=0)
            for subnet in SUBNETS}
+
+  def normalised_moments(variables, images, *, subnet):
+    return moments[subnet](variables, normalise_images(images, normalisation))
+
+  # One function per sub-network for the whole run: jax.eval_shape traces a
+  # function once per argument shapes (a new function each call traced the
+  # model at every evaluation).
+  moment_shapes = {subnet: functools.partial(normalised_moments, subnet=subnet)
+                   for subnet in SUBNETS}
   finish = jax.jit(finish, static_argnums=2)
 
   def recalibrate(state, batches: Iterable) -> dict[str, PyTree] | None:
@@ -116,10 +125,9 @@ def make_recalibrate(model, wmap: nesting.WeightsMap, *,
     sums, count = None, 0
     for batch in batches:
       if sums is None:  # zeros of the moments' shapes, known without running anything
-        sums = {subnet: _host_zeros(jax.eval_shape(
-            lambda v, x, fn=fn: fn(v, normalise_images(x, normalisation)),
-            state.variables(subnet), batch["image"]), batch["image"])
-            for subnet, fn in moments.items()}
+        sums = {subnet: _host_zeros(jax.eval_shape(fn, state.variables(subnet),
+                                                   batch["image"]), batch["image"])
+                for subnet, fn in moment_shapes.items()}
       for subnet, step in steps.items():
         sums[subnet] = step(sums[subnet], state.variables(subnet), batch["image"])
       count += 1
