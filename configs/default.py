@@ -121,6 +121,12 @@ def get_config() -> ml_collections.ConfigDict:
   # renewed for lease_ttl_s (docs/reliability.md "One run per workdir").
   config.lease_ttl_s = 60.0
 
+  # JAX's persistent compilation cache: a run reads back what an earlier run of
+  # the same shapes compiled (docs/compilation.md). None: the user's cache
+  # directory, $XDG_CACHE_HOME/motivation_jax/xla (~/.cache/motivation_jax/xla);
+  # "": no cache; JAX_COMPILATION_CACHE_DIR, when set, wins. Safe to change on resume.
+  config.compilation_cache_dir = ml_collections.FieldReference(None, field_type=str)
+
   # Logging, evaluation and checkpoints.
   config.log_every_steps = 50
   config.eval_every_epochs = 1

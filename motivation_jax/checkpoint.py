@@ -100,6 +100,15 @@ def array_checksums(tree) -> dict[str, list[int]]:
           for path, leaf in jax.tree_util.tree_leaves_with_path(sums)}
 
 
+def array_checksums_of(trees: dict) -> dict[str, dict[str, list[int]]]:
+  """``{name: array_checksums(tree)}`` for ``trees = {name: tree}``, in one
+  program (one call per tree would compile one per tree)."""
+  sums = jax.device_get(_tree_sums(trees))
+  return {name: {_path_name(path): [int(v) for v in np.asarray(leaf)]
+                 for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+          for name, tree in sums.items()}
+
+
 def json_checksum(value) -> str:
   return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
@@ -189,7 +198,8 @@ class Checkpointer:
     """Starts writing checkpoint ``step`` (Orbax finishes it in the background;
     ``committed_step`` waits for it). ``log_interval`` is the training metrics
     since the last log line, so a resumed run logs the same means."""
-    checksum = {"state": array_checksums(state),
+    arrays = {"state": state, **({} if eval_stats is None else {"eval_stats": eval_stats})}
+    checksum = {**array_checksums_of(arrays),
                 "controller": json_checksum(controller_state),
                 "data_position": json_checksum(data_position)}
     items = dict(state=ocp.args.StandardSave(state),
@@ -200,7 +210,6 @@ class Checkpointer:
                  log_interval=ocp.args.JsonSave(log_interval or {}))
     if eval_stats is not None:
       items["eval_stats"] = ocp.args.StandardSave(eval_stats)
-      checksum["eval_stats"] = array_checksums(eval_stats)
     items["checksum"] = ocp.args.JsonSave(checksum)
     with self._writing():  # Orbax first waits for the save before, and may raise its error
       self.manager.save(step, args=ocp.args.Composite(**items))

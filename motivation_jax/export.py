@@ -48,7 +48,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import flags
 
-from motivation_jax import checkpoint, cli, files, lease, models, nesting, steps
+from motivation_jax import checkpoint, cli, compilation, files, lease, models, nesting, steps
 from motivation_jax.common import SUBNETS
 from motivation_jax.models import paired as paired_lib
 from motivation_jax.errors import CheckpointError, ConfigError
@@ -186,6 +186,7 @@ def _check_sample(config, dataset: dict):
 
 def main() -> None:
   f = flags.FLAGS
+  compilation.use_cache(f.compilation_cache_dir, label="--compilation_cache_dir")
   spec = export_run(f.workdir, f.subnet, f.out, step=f.step)
   print(f"exported the {spec['subnet']} model ({spec['params']:,} parameters, batch "
         f"{spec['source']['step']}) to {f.out}")
@@ -197,5 +198,7 @@ if __name__ == "__main__":
   flags.DEFINE_enum("subnet", None, list(SUBNETS), "Which sub-network.")
   flags.DEFINE_string("out", None, "New directory for the exported model.")
   flags.DEFINE_integer("step", None, "Checkpoint to export (default: the latest).")
+  flags.DEFINE_string("compilation_cache_dir", None, "JAX's persistent compilation cache "
+                      "(docs/compilation.md); default: the user's cache directory; '': none.")
   flags.mark_flags_as_required(["workdir", "subnet", "out"])
   cli.run(main)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.traverse_util
 import jax
@@ -372,6 +372,13 @@ def _zero_from(firsts: list[jax.Array]) -> jax.Array:
   return jnp.minimum(nan.astype(jnp.int32), 0)
 
 
+def abstract_init(optimizer: optax.GradientTransformation) -> Callable:
+  """``optimizer.init`` run abstractly, for ``optax.tree_map_params``: optax finds
+  the parameter-shaped entries by running init on a placeholder, and run as it
+  is, init compiles a program for each array it creates (a step count's zeros)."""
+  return lambda placeholder: jax.eval_shape(lambda: optimizer.init(placeholder))
+
+
 def opt_state_regions(optimizer: optax.GradientTransformation,
                       params_regions: PyTree) -> PyTree:
   """Regions for an optax state: params regions on every parameter-shaped entry.
@@ -385,7 +392,7 @@ def opt_state_regions(optimizer: optax.GradientTransformation,
   opt_state = jax.eval_shape(optimizer.init, jax.tree.map(
       lambda r: jax.ShapeDtypeStruct(r.full_shape, np.float32), params_regions))
   return optax.tree_map_params(
-      optimizer, lambda _, r: r, opt_state, params_regions,
+      abstract_init(optimizer), lambda _, r: r, opt_state, params_regions,
       transform_non_params=lambda x: jax.tree.map(whole, x))
 
 

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Mapping
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from motivation_jax import data, nesting
 from motivation_jax.common import SUBNETS
@@ -52,6 +53,20 @@ def _moments(variables: Mapping[str, PyTree], images: jax.Array, *, model, subne
   _, mutated = model.apply(variables, images, subnet=subnet, train=True,
                            mutable=["batch_moments"])
   return mutated["batch_moments"]
+
+
+def _host_zeros(shapes: PyTree, images: jax.Array) -> PyTree:
+  """Zeros of ``shapes``, replicated on the devices of ``images``, made on the
+  host: no program per shape (``jnp.zeros`` compiles one), and already laid
+  out as the sums ``accumulate`` returns, so its first call compiles the
+  program every later call runs (zeros on one device would compile another)."""
+  sharding = images.sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    # Replicated: every process's share is the whole array.
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        replicated, np.zeros(x.shape, x.dtype)), shapes)
+  return jax.tree.map(lambda x: jax.device_put(np.zeros(x.shape, x.dtype)), shapes)
 
 
 def make_recalibrate(model, wmap: nesting.WeightsMap, *,
@@ -90,6 +105,15 @@ def make_recalibrate(model, wmap: nesting.WeightsMap, *,
 
   steps = {subnet: jax.jit(functools.partial(accumulate, subnet=subnet), donate_argnums=0)
            for subnet in SUBNETS}
+
+  def normalised_moments(variables, images, *, subnet):
+    return moments[subnet](variables, normalise_images(images, normalisation))
+
+  # One function per sub-network for the whole run: jax.eval_shape traces a
+  # function once per argument shapes (a new function each call traced the
+  # model at every evaluation).
+  moment_shapes = {subnet: functools.partial(normalised_moments, subnet=subnet)
+                   for subnet in SUBNETS}
   finish = jax.jit(finish, static_argnums=2)
 
   def recalibrate(state, batches: Iterable) -> dict[str, PyTree] | None:
@@ -101,11 +125,9 @@ def make_recalibrate(model, wmap: nesting.WeightsMap, *,
     sums, count = None, 0
     for batch in batches:
       if sums is None:  # zeros of the moments' shapes, known without running anything
-        sums = {subnet: jax.tree.map(
-            lambda x: jnp.zeros(x.shape, x.dtype),
-            jax.eval_shape(fn, state.variables(subnet),
-                           normalise_images(batch["image"], normalisation)))
-            for subnet, fn in moments.items()}
+        sums = {subnet: _host_zeros(jax.eval_shape(fn, state.variables(subnet),
+                                                   batch["image"]), batch["image"])
+                for subnet, fn in moment_shapes.items()}
       for subnet, step in steps.items():
         sums[subnet] = step(sums[subnet], state.variables(subnet), batch["image"])
       count += 1

@@ -113,12 +113,14 @@ class TrainState:
 
 
 def create_train_state(model, optimizer: optax.GradientTransformation,
-                       rng: jax.Array, sample_input: jax.Array, *,
+                       rng: jax.Array | int, sample_input: jax.Array, *,
                        batch_norm_stats: str = "per_subnet",
                        extension_init: str = "default",
                        state_sharding: PyTree = None) -> TrainState:
   """Initialises the one variables pytree at the motivated size
-  (``extension_init``: see ``nesting.init_variables``).
+  (``extension_init``: see ``nesting.init_variables``). ``rng`` is a key, or
+  an integer seed, for ``jax.random.key(seed)``: with ``state_sharding`` the
+  key is then made inside the program (made on the host it costs two more).
 
   ``state_sharding`` (a ``TrainState`` of shardings, e.g.
   ``sharding.train_state_sharding`` of ``abstract_train_state``): the whole
@@ -127,6 +129,10 @@ def create_train_state(model, optimizer: optax.GradientTransformation,
   device. The values do not depend on the layout (JAX's random bits are
   partitionable: each element depends on the key and its index only).
   """
+  if isinstance(rng, int) and not (state_sharding is not None and -2**31 <= rng < 2**31):
+    rng = jax.random.key(rng)  # a seed a traced int32 cannot hold, or no program
+  elif not isinstance(rng, int) and np.ndim(rng) == 0 and jnp.issubdtype(rng.dtype, jnp.integer):
+    rng = jax.random.key(rng)  # the seed, traced in the program below
   if state_sharding is not None:
     create = functools.partial(create_train_state, model, optimizer,
                                sample_input=sample_input, batch_norm_stats=batch_norm_stats,
@@ -557,7 +563,7 @@ def check_layout(optimizer: optax.GradientTransformation, state_sharding: TrainS
   spec = lambda s: tuple(getattr(s, "spec", ()))
   # The parameter's sharding at each parameter-shaped entry; "-" elsewhere.
   paired = optax.tree_map_params(
-      optimizer, lambda _, s: s, opt_abstract, state_sharding.params,
+      nesting.abstract_init(optimizer), lambda _, s: s, opt_abstract, state_sharding.params,
       transform_non_params=lambda x: jax.tree.map(lambda _: "-", x))
   for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(paired),
                                jax.tree.leaves(state_sharding.opt_state)):

@@ -36,6 +36,7 @@ import tqdm
 
 from motivation_jax import (agreement, checkpoint, config_lib, data, files, lease, lm, models,
                             nesting, recalibration, sharding, steps, tasks)
+from motivation_jax import compilation
 from motivation_jax.controller import Controller
 from motivation_jax.errors import ConfigError, Preempted, TrainingError
 from motivation_jax.metrics import MetricWriter, cut_jsonl, finite_json
@@ -142,11 +143,12 @@ def build(config, dataset: data.Dataset):
   return model, wmap, controller
 
 
-def _sample(config, dataset, batch: int = 1) -> jax.Array:
-  """An input batch of the model's shape: zero images, or tokens of the context."""
+def _sample(config, dataset, batch: int = 1) -> np.ndarray:
+  """An input batch of the model's shape: zero images, or tokens of the context
+  (NumPy: a host array compiles no program, docs/compilation.md)."""
   if tasks.of_config(config) is tasks.CAUSAL_LM:
-    return jnp.zeros((batch, config.model.seq_len), jnp.int32)
-  return jnp.zeros((batch, *dataset.image_shape), jnp.float32)
+    return np.zeros((batch, config.model.seq_len), np.int32)
+  return np.zeros((batch, *dataset.image_shape), np.float32)
 
 
 def _check_sample(config, dataset: data.Dataset) -> jax.Array | None:
@@ -293,7 +295,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, held
                                        normalisation=normalisation, seed=config.seed,
                                        task=task)
   state = steps.create_train_state(
-      model, optimizer, jax.random.key(config.seed), sample,
+      model, optimizer, config.seed, sample,  # the key is made in its program
       batch_norm_stats=config.model.batch_norm_stats,
       extension_init=config.model.extension_init, state_sharding=state_sharding)
   ckpt = checkpoint.Checkpointer(files.join(workdir, "checkpoints"))
@@ -361,7 +363,7 @@ SAFE_TO_CHANGE_ON_RESUME = (
     "num_epochs", "log_every_steps", "eval_every_epochs", "checkpoint_every_epochs",
     "bn_recalibration_batches", "eval_batch_size", "data_threads", "data_workers",
     "data_dir", "progress_bar", "max_nonfinite_steps", "mesh.", "dtype", "lease_ttl_s",
-    *lm.SAFE_TO_CHANGE_ON_RESUME)
+    "compilation_cache_dir", *lm.SAFE_TO_CHANGE_ON_RESUME)
 _CHECKED_ELSEWHERE = ("motivation.", "seed", "batch_size")
 
 
@@ -791,11 +793,16 @@ def save(run: Run, state: steps.TrainState, pending: PendingMetrics, step: int) 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains both sub-networks and returns the summary (also in workdir/summary.json)."""
   start_time = time.time()
-  run, state = setup(config, workdir)  # takes the workdir's lease
-  try:
-    summary, worse = _train_and_summarize(run, state, start_time)
-  finally:  # the end, an error, SIGTERM or SIGINT (Preempted, KeyboardInterrupt)
-    run.lease.release()
+  # Before the first compile (motivation_jax.compilation): every program this
+  # run compiles, or reads back from the cache, is counted in its summary.
+  cache_dir = compilation.use_cache(config.get("compilation_cache_dir"))
+  with compilation.CompileLog() as compiles:
+    run, state = setup(config, workdir)  # takes the workdir's lease
+    try:
+      summary, worse = _train_and_summarize(run, state, start_time,
+                                            compiled=lambda: compiles.summary(cache_dir))
+    finally:  # the end, an error, SIGTERM or SIGINT (Preempted, KeyboardInterrupt)
+      run.lease.release()
   if worse:  # not a success, whatever was written: a scheduler must see it
     raise TrainingError(f"the run ended, but {'; '.join(worse)}: training diverged; its "
                         f"summary and last checkpoint are in {workdir}; lower "
@@ -803,7 +810,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return summary
 
 
-def _train_and_summarize(run: Run, state: steps.TrainState, start_time: float
+def _train_and_summarize(run: Run, state: steps.TrainState, start_time: float, *,
+                         compiled: Callable[[], dict] | None = None
                          ) -> tuple[dict[str, Any], list[str]]:
   """``train``, then the summary, written to workdir/summary.json while the
   run still holds its lease."""
@@ -823,6 +831,8 @@ def _train_and_summarize(run: Run, state: steps.TrainState, start_time: float
     raise
   run.close(release_lease=False)
   summary = summarize(run, eval_metrics, time.time() - start_time)
+  if compiled is not None:
+    summary["compilation"] = compiled()
   worse = worse_than_guessing(run, eval_metrics)
   if worse:
     summary["diverged"] = [w.split()[1] for w in worse]
@@ -908,4 +918,6 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"model's weights, its outputs differ by up to {nested['gap']:.3g}")
   if summary["resumed_from_step"]:
     lines[-1] += f" (this process, resumed at batch {summary['resumed_from_step']:,})"
+  if "compilation" in summary:
+    lines.append(compilation.describe(summary["compilation"]))
   return "\n".join(lines)

@@ -46,6 +46,13 @@ def test_the_harness_counts_one_compile_per_kind_and_writes_its_files(tmp_path):
   markdown = open(out + ".md").read()
   assert recorded["machine"]["cpu"] in markdown and "| compiles per step kind" in markdown
   assert "non-finite rule" in markdown
+  # The whole-run overhead: both sides trained the same base; the warm runs
+  # (the suite's cache, conftest.py: none was cold) compiled nothing.
+  overhead = tiny["overhead"]
+  assert not overhead["cold_is_cold"] and overhead["warm_ratio"] > 0
+  assert overhead["compilation"]["package warm"]["compiled"] == 0
+  assert overhead["compilation"]["plain warm"]["compiled"] == 0
+  assert "| whole run, base alone, warm compilation cache / plain loop" in markdown
 
 
 def test_loop_reads_times_every_variant_on_the_same_batches(capsys):

@@ -145,6 +145,12 @@ def test_the_command_writes_the_report_from_the_finished_runs(tiny, tmp_path):
   assert data["meta"]["seeds"] == [0, 1]
   assert "--seeds=2" in data["meta"]["command"]
   assert "motivation_jax.experiments" in (copy / "report.md").read_text()
+  # Every arm and seed has the first run's shapes: each run after it read every
+  # program back from the compilation cache (the test suite's, tests/conftest.py).
+  compiled = data["compilation"]
+  assert compiled["runs"] == 10 and compiled["runs_compiling_nothing"] >= 9, compiled
+  assert compiled["from_cache"] > 0
+  assert "## Compilation" in (copy / "report.md").read_text()
 
 
 def test_the_command_refuses_bad_arms_in_one_line(tmp_path):

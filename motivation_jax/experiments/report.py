@@ -107,6 +107,8 @@ def build_report(records: Sequence[Mapping], meta: Mapping[str, Any], *,
         "resumed_runs": sum(bool(r["summary"].get("resumed_from_step")) for r in runs[a].values()),
     }
 
+  report["compilation"] = _compilation(records)
+
   signal = {"window": signal_window, "span": signal_span, "phase_steps": meta["phase_steps"],
             "arms": {}}
   per_seed = {}
@@ -127,6 +129,20 @@ def build_report(records: Sequence[Mapping], meta: Mapping[str, Any], *,
   report["signal"] = signal
   report["claims"] = _claims(report)
   return report
+
+
+def _compilation(records: Sequence[Mapping]) -> dict[str, Any]:
+  """The suite's programs compiled and read from the compilation cache, and
+  their seconds, summed over its runs (``summary.json``'s ``compilation``;
+  docs/compilation.md). ``runs_not_counted``: runs whose summary has no count
+  (written before the count existed)."""
+  counted = [r["summary"]["compilation"] for r in records if "compilation" in r["summary"]]
+  out = {k: sum(c[k] for c in counted) for k in
+         ("compiled", "from_cache", "compile_s", "cache_read_s", "trace_and_lower_s")}
+  out.update(runs=len(counted), runs_not_counted=len(records) - len(counted),
+             runs_compiling_nothing=sum(c["compiled"] == 0 for c in counted),
+             cache_dirs=sorted({c["cache_dir"] or "" for c in counted}))
+  return out
 
 
 def _claim(id_: str, question: str, needs: Sequence[str], report: Mapping, make) -> dict:
@@ -383,6 +399,19 @@ def _markdown(report: Mapping, plots: Sequence[tuple[str, str]]) -> str:
   if resumed:
     lines.append(f"\n{resumed} run(s) were resumed: their wall time is that of the last "
                  "process only.")
+
+  c = report.get("compilation")
+  if c and c["runs"]:
+    lines += ["", "## Compilation", "",
+              f"Over {c['runs']} runs: {c['compiled']} programs compiled "
+              f"({c['compile_s']:.1f} s of XLA), {c['from_cache']} read from the compilation "
+              f"cache ({c['cache_read_s']:.1f} s); {c['runs_compiling_nothing']} runs compiled "
+              f"nothing; tracing and lowering took {c['trace_and_lower_s']:.1f} s. Cache: "
+              + (", ".join(f"`{d}`" for d in c["cache_dirs"] if d) or "none")
+              + " (docs/compilation.md). A reused run counts what it compiled when it ran; "
+              "a resumed one, its last process."]
+    if c["runs_not_counted"]:
+      lines.append(f"\n{c['runs_not_counted']} run(s) predate the count and are not in it.")
 
   s = report["signal"]
   lines += ["", "## Does the signal matter?", "",

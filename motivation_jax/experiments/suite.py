@@ -130,6 +130,7 @@ def _suite_config(config: ml_collections.ConfigDict) -> dict:
   d.pop("seed", None)
   d.pop("progress_bar", None)
   d.pop("lease_ttl_s", None)  # how the runs guard their workdirs, not what they train
+  d.pop("compilation_cache_dir", None)  # where compiled programs are kept, likewise
   return d
 
 
