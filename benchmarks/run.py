@@ -46,6 +46,9 @@ on a CPU):
    against ``benchmarks/plain_loop.py``, the plain flax/optax loop of the
    standalone base on the same batches, evaluating as often, each with a cold
    and then a warm compilation cache. Target (warm): <= 1.3.
+   *Paired step* (``benchmarks/paired_step.py``): the base step of a user's own
+   Linen module paired by ``nesting.paired`` against the ordinary optax step
+   of the small module alone. Target: <= 1.05.
 6. On an accelerator (or with ``--accelerator``; ``--accelerator-only`` skips
    1-5 and writes ``OUT`` = ``harness_BACKEND_steps`` by default): absolute step
    times, MFU and memory of ResNet-20 in ResNet-56 and ViT-Ti in ViT-S on 32x32
@@ -934,6 +937,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                          f"{r['compiles']['switches']} switches",
                  "value": f"{per_kind['base']} / {per_kind['motivated']}",
                  "target": "1 / 1", "met": per_kind == {"base": 1, "motivated": 1}})
+  if "paired" in results:
+    p = results["paired"]
+    rows.append({"what": f"step cost, a user's Linen MLP paired, base / its small module's "
+                         f"own step ({p['paired_step_us']:.0f} vs {p['ordinary_step_us']:.0f} "
+                         f"us)", "value": p["ratio"], "target": "<= 1.05",
+                 "met": p["ratio"] <= 1.05})
   return rows
 
 
@@ -1148,6 +1157,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                os.path.join(workdir, label))
       results["models"][label]["loop_lag"] = configs[label].motivation.decision_lag
       print(f"{label}: {time.perf_counter() - start:.0f} s", flush=True)
+      save()
+    if not args.accelerator_only:
+      from benchmarks import paired_step
+      results["paired"] = paired_step.measure(  # its own script's 15 trials in full
+          trials=15 if mode.name == "full" else mode.trials,
+          steps_per_trial=5 if mode.name == "tiny" else 200)
+      print(f"paired: {time.perf_counter() - start:.0f} s", flush=True)
       save()
     on_accelerator = args.accelerator or jax.default_backend() != "cpu"
     if args.accelerator_only or (on_accelerator and not args.skip_accelerator):

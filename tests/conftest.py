@@ -83,25 +83,22 @@ COSTLIEST_FILES = (
     "test_steps.py", "test_paired.py", "test_configs.py", "test_step_costs.py",
     "test_data_workers.py",
     "test_benchmark_harness.py", "test_recalibration.py", "test_bad_input.py",
-    "test_transformer.py", "test_generate.py", "test_train.py", "test_resnet.py", "test_reliability.py", "test_cost_table.py",
+    "test_transformer.py", "test_generate.py", "test_lm_run.py", "test_compilation.py",
+    "test_tasks.py", "test_train.py", "test_resnet.py", "test_reliability.py", "test_cost_table.py",
     "test_experiments.py", "test_fsdp.py", "test_export.py", "test_launch.py",
     "test_nesting.py")
 # With the slow tests (`-m ""`, what CI runs; seconds per file on one of 2 workers
-# from a cold cache, AMD EPYC, 2026-12-01: 421, 168, 148, 113, 83, 80, 67, 54, 53,
-# 49, 30, 25, 24, 23, 23, 22, 21, 21 (test_benchmark_harness.py, timed alone), 19;
-# the other files under 15 each). In the fast order test_multiprocess.py,
-# test_command_line_fuzz.py and test_gcs_workdir.py (all slow) came last: the run
-# took 833 s where half its test time was 742 s.
+# from a cold cache, fresh clone, AMD EPYC, 2026-12-03, pytest 9 min 34 s in all:
+# 247, 99, 90, 71, 60, 46, 43, 42, 37, 34, 30, 22, 22, 22, 21, 20, 19, 18, 17, 16, 13, 13, 13, 13;
+# the other files 12 s or less each). The fast order would send the slow-only files last.
 COSTLIEST_FILES_WITH_SLOW = (
-    "test_configs.py", "test_multiprocess.py", "test_fsdp.py", "test_command_line_fuzz.py",
-    "test_steps.py", "test_data_workers.py", "test_gcs_workdir.py", "test_reliability.py",
-    "test_launch.py", "test_train.py", "test_paired.py", "test_cost_table.py",
-    "test_benchmarks.py", "test_generate.py", "test_experiments.py", "test_bad_input.py",
-    "test_mixed_precision.py",
-    "test_step_costs.py", "test_export.py", "test_benchmark_harness.py",
-    "test_recalibration.py", "test_transformer.py")
-# (The language-model files, 2026-12-02, cold, alone: test_transformer.py 18 s,
-# test_generate.py 18 s, 24 s with its slow command-line test.)
+    "test_configs.py", "test_steps.py", "test_fsdp.py", "test_command_line_fuzz.py",
+    "test_reliability.py", "test_train.py", "test_gcs_workdir.py", "test_paired.py",
+    "test_data_workers.py", "test_multiprocess.py", "test_clean_exit.py",
+    "test_step_costs.py", "test_bad_input.py", "test_launch.py", "test_paired_run.py",
+    "test_mixed_precision.py", "test_lease.py", "test_cost_table.py",
+    "test_benchmark_harness.py", "test_experiments.py", "test_export.py",
+    "test_lm_run.py", "test_recalibration.py", "test_resnet.py")
 
 
 @pytest.hookimpl(trylast=True)  # after `-m` has deselected: order what runs

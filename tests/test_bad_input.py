@@ -54,7 +54,7 @@ CASES = [
      r"error: cannot load --config: RuntimeError: the data isn't where it's said to be"),
     ("a value with an apostrophe", [*MAIN, DEFAULT, "--workdir={tmp}/w",
                                     "--config.model.name=it's"],
-     r"error: config.model: unknown model \"it's\"; known: cnn, efficientnet, mlp, resnet, vit"),
+     r"error: config.model: unknown model \"it's\"; known: cnn, efficientnet, mlp, resnet, transformer, vit"),
     ("a variant of a config that has none",
      [*MAIN, "--config=configs/default.py:smoke", "--workdir={tmp}/w"],
      r"error: bad command line: configs/default.py has no variants \(its get_config\(\) "

@@ -53,6 +53,9 @@ def test_the_harness_counts_one_compile_per_kind_and_writes_its_files(tmp_path):
   assert overhead["compilation"]["package warm"]["compiled"] == 0
   assert overhead["compilation"]["plain warm"]["compiled"] == 0
   assert "| whole run, base alone, warm compilation cache / plain loop" in markdown
+  # A user's own module, paired: its base step against the small module's own.
+  assert recorded["paired"]["ratio"] > 0 and recorded["paired"]["target"] == 1.05
+  assert "| step cost, a user's Linen MLP paired, base / its small module's own step" in markdown
 
 
 def test_loop_reads_times_every_variant_on_the_same_batches(capsys):
