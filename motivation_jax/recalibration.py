@@ -60,7 +60,7 @@ def _host_zeros(shapes: PyTree, images: jax.Array) -> PyTree:
   host: no program per shape (``jnp.zeros`` compiles one), and already laid
   out as the sums ``accumulate`` returns, so its first call compiles the
   program every later call runs (zeros on one device would compile another)."""
-  sharding = images.sharding
+  sharding = getattr(images, "sharding", None)  # a host batch (NumPy) has none
   if isinstance(sharding, jax.sharding.NamedSharding):
     replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
     # Replicated: every process's share is the whole array.

@@ -172,6 +172,17 @@ def check_two_process_run(status, out, err, process_1, *, workdir_files):
   assert len(decisions) == summary["base_steps"] + summary["motivated_steps"]
 
 
+# Summary keys that record how a run went on this machine, not what it trained:
+# its wall time and what it compiled or read from the compilation cache.
+HOW_IT_RAN = ("wall_time_s", "compilation")
+
+
+def what_it_trained(summary: dict, *also: str) -> dict:
+  """``summary`` without ``HOW_IT_RAN`` (and ``also``): what two runs that trained
+  alike have in common."""
+  return {k: v for k, v in summary.items() if k not in HOW_IT_RAN + also}
+
+
 def load_script(path: str):
   """A script outside the package (e.g. ``benchmarks/cost_table.py``) as a module."""
   import importlib.util

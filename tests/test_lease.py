@@ -24,7 +24,7 @@ from motivation_jax.errors import CheckpointError, ConfigError, TrainingError, W
 from motivation_jax.experiments import suite
 from motivation_jax.export import export_run
 
-from conftest import ROOT
+from conftest import ROOT, what_it_trained
 from test_reliability import WORKER, assert_same_run
 from test_train import small_config
 
@@ -212,9 +212,7 @@ def stop_at_batch(proc, k: int) -> None:
 
 
 def same_summary(a: dict, b: dict) -> bool:
-  drop = ("wall_time_s",)
-  return {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items()
-                                                           if k not in drop}
+  return what_it_trained(a) == what_it_trained(b)
 
 
 @pytest.mark.slow  # two runs in processes of their own: about 15 s
