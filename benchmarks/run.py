@@ -49,6 +49,11 @@ on a CPU):
    *Paired step* (``benchmarks/paired_step.py``): the base step of a user's own
    Linen module paired by ``nesting.paired`` against the ordinary optax step
    of the small module alone. Target: <= 1.05.
+   *LM steps* (``benchmarks/lm_steps.py``, ``--lm-config``, default
+   configs/lm_shakespeare.py; its ``:smoke`` in ``--tiny``): the nested
+   transformer's base and motivated steps against the standalone base and
+   large transformers' ordinary steps, tokens/s, XLA's FLOPs against the
+   formula, and MFU where the device's peak is known. Target: <= 1.05.
 6. On an accelerator (or with ``--accelerator``; ``--accelerator-only`` skips
    1-5 and writes ``OUT`` = ``harness_BACKEND_steps`` by default): absolute step
    times, MFU and memory of ResNet-20 in ResNet-56 and ViT-Ti in ViT-S on 32x32
@@ -943,6 +948,14 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                          f"own step ({p['paired_step_us']:.0f} vs {p['ordinary_step_us']:.0f} "
                          f"us)", "value": p["ratio"], "target": "<= 1.05",
                  "met": p["ratio"] <= 1.05})
+  if "lm_steps" in results:
+    lm = results["lm_steps"]
+    for kind in ("base", "motivated"):
+      k = lm[kind]
+      rows.append({"what": f"step cost, LM ({lm['config_file']}), {kind} / its standalone "
+                           f"transformer ({k['nested_ms']:.1f} vs {k['standalone_ms']:.1f} ms, "
+                           f"{k['nested_tokens_per_s']:,.0f} tokens/s)",
+                   "value": k["ratio"], "target": "<= 1.05", "met": k["ratio"] <= 1.05})
   return rows
 
 
@@ -1097,6 +1110,10 @@ def markdown(results: dict[str, Any]) -> str:
                    f"{cell(a['peak_flops'] and a['peak_flops'] / 1e12, '.1f')} | "
                    f"{cell(a['mfu'], '.1%')} | {cell(a['step_memory_gib'], '.3f')} | "
                    f"{cell(a['peak_memory_gib'], '.2f')} | {a['setup_s']:.0f} |")
+  if results.get("lm_steps"):
+    from benchmarks import lm_steps
+    lines += ["", f"## Language-model steps ({results['lm_steps']['config_file']})", ""]
+    lines += lm_steps.table(results["lm_steps"])
   if results.get("note"):
     lines += ["", results["note"]]
   return "\n".join(lines) + "\n"
@@ -1117,6 +1134,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      help="leave item 6 out, on an accelerator too")
   parser.add_argument("--out", default=None, help="writes OUT.json and OUT.md "
                       "(default: benchmarks/results/harness_BACKEND)")
+  parser.add_argument("--lm-config", default="configs/lm_shakespeare.py",
+                      help="the language-model steps' config, PATH[:variant] "
+                           "(--tiny: its :smoke variant, unless one is named)")
   parser.add_argument("--note", default="", help="a sentence added to the markdown")
   args = parser.parse_args(argv)
   mode = MODES["tiny" if args.tiny else "quick" if args.quick else "full"]
@@ -1164,6 +1184,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           trials=15 if mode.name == "full" else mode.trials,
           steps_per_trial=5 if mode.name == "tiny" else 200)
       print(f"paired: {time.perf_counter() - start:.0f} s", flush=True)
+      save()
+      from benchmarks import lm_steps
+      spec = args.lm_config
+      if mode.name == "tiny" and ":" not in spec:
+        spec += ":smoke"
+      results["lm_steps"] = lm_steps.measure(
+          load_config(spec), trials=max(mode.trials, 3) if mode.name != "tiny" else 1,
+          step_seconds=0.5 if mode.name == "full" else mode.step_seconds)
+      results["lm_steps"]["config_file"] = spec
+      print(f"lm steps: {time.perf_counter() - start:.0f} s", flush=True)
       save()
     on_accelerator = args.accelerator or jax.default_backend() != "cpu"
     if args.accelerator_only or (on_accelerator and not args.skip_accelerator):

@@ -56,6 +56,23 @@ def test_the_harness_counts_one_compile_per_kind_and_writes_its_files(tmp_path):
   # A user's own module, paired: its base step against the small module's own.
   assert recorded["paired"]["ratio"] > 0 and recorded["paired"]["target"] == 1.05
   assert "| step cost, a user's Linen MLP paired, base / its small module's own step" in markdown
+  # The language model's steps (configs/lm_shakespeare.py:smoke): each kind against
+  # its standalone transformer, with XLA's FLOPs beside the formula's.
+  lm = recorded["lm_steps"]
+  assert lm["config_file"] == "configs/lm_shakespeare.py:smoke"
+  for kind in ("base", "motivated"):
+    assert lm[kind]["ratio"] > 0 and lm[kind]["nested_tokens_per_s"] > 0
+    assert 0.9 < lm[kind]["xla_over_formula"] < 1.3, lm[kind]
+  assert lm["base"]["params"] < lm["motivated"]["params"]
+  assert "| step cost, LM (configs/lm_shakespeare.py:smoke), base / its standalone" in markdown
+  assert "## Language-model steps" in markdown
+
+
+def test_lm_steps_refuses_a_config_that_is_not_a_language_model():
+  from motivation_jax.errors import ConfigError
+  lm_steps = _benchmark("lm_steps")
+  with pytest.raises(ConfigError, match="needs an LM config"):
+    lm_steps.measure(lm_steps.load_config("configs/default.py"))
 
 
 def test_loop_reads_times_every_variant_on_the_same_batches(capsys):

@@ -87,7 +87,7 @@ def test_the_full_report_has_its_files_numbers_and_verdicts(tmp_path):
   data = json.loads((tmp_path / "report.json").read_text())
   assert data["meta"] == _meta()
   acc = {a: {s: v for s, v in enumerate(ACCURACY[a][0])} for a in ARMS}
-  assert data["accuracy"]["motivated"]["base"] == pytest.approx(
+  assert data["scores"]["motivated"]["base"] == pytest.approx(
       stats.mean_ci(ACCURACY["motivated"][0]))
   helped = data["paired"]["motivated - base_alone"]["base"]
   # Differences 0.02, 0.03, 0.02: mean 0.0233333, sd 0.0057735, half
@@ -175,6 +175,52 @@ def test_a_seed_missing_from_one_arm_is_left_out_of_its_pairs_and_one_seed_has_n
   assert "| +0.0200 (no interval) | no difference detectable (one seed: no interval) |" in md
   assert "| base_alone | 1 | 0.8000 (one seed) | never trained |" in md
   assert "1 run(s) were resumed" in md
+
+
+def _lm_record(arm, seed):
+  """``_record`` as a language model's: held-out bits per byte = 3 - the accuracy
+  above, so every arm that scores better there scores lower here."""
+  r = _record(arm, seed)
+  for holder in [r["summary"]] + r["evals"]:
+    for model in report.MODELS:
+      holder[f"{model}/test_bits_per_byte"] = 3.0 - holder[f"{model}/test_accuracy"]
+      holder[f"{model}/test_accuracy"] /= 2  # per-token accuracy: not what is compared
+  r["summary"]["task"] = "causal_lm"
+  return r
+
+
+def test_a_language_model_suite_compares_bits_per_byte_lower_being_better(tmp_path):
+  records = [_lm_record(a, s) for s in (0, 1, 2) for a in ARMS]
+  rep = report.build_report(records, _meta())
+  assert rep["metric"]["key"] == "test_bits_per_byte" and not rep["metric"]["higher_is_better"]
+  assert rep["scores"]["motivated"]["base"]["mean"] == pytest.approx(3 - 0.8333333)
+  helped = rep["paired"]["motivated - base_alone"]["base"]
+  # Bits per byte fell by 0.02, 0.03, 0.02: below 0, which is better.
+  assert (helped["mean"], helped["low"], helped["high"]) == pytest.approx(
+      (-0.0233333, -0.0376755, -0.0089912), abs=1e-6)
+  assert helped["verdict"] == "helped"
+  claims = {c["id"]: c for c in rep["claims"]}
+  assert claims["motivation_helped_base"]["statement"].startswith(
+      "With motivation the base model's held-out bits per byte changed by −0.0233")
+  assert claims["motivation_helped_base"]["verdict"] == "helped"
+  # The large model alone scores 0.87, 0.86, 0.88 (bits per byte 2.13, ...): no difference.
+  assert claims["motivated_as_good_as_large"]["verdict"] == "no difference detectable"
+
+  paths = report.write_report(rep, records, str(tmp_path))
+  names = {p.rsplit("/", 1)[-1] for p in paths}
+  assert names == {"report.md", "report.json", "bits_per_byte_over_training.png",
+                   "activation_timeline.png", "bits_per_byte_vs_flops.png"}
+  md = (tmp_path / "report.md").read_text()
+  assert "## Held-out bits per byte (mean ± half-width of the 95% interval; lower is better)" in md
+  assert "## Paired differences of held-out bits per byte" in md
+  assert "| motivated | 3 | 2.1667 ± 0.0379 | 2.1333 ± 0.0379 |" in md
+  assert "test accuracy" not in md
+
+
+def test_a_suite_of_two_tasks_is_refused():
+  records = [_record("motivated", 0), _lm_record("base_alone", 0)]
+  with pytest.raises(ValueError, match="share one task"):
+    report.build_report(records, _meta())
 
 
 def test_number_formats():

@@ -14,6 +14,7 @@ import pytest
 from motivation_jax import config_lib, generate, train
 from motivation_jax.data import text
 from motivation_jax.errors import ConfigError, DataError, MotivationError
+from motivation_jax.experiments import report, suite
 from motivation_jax.export import export_run
 
 from conftest import ROOT
@@ -144,3 +145,28 @@ def test_another_tokenizer_on_resume_is_refused(run, tmp_path):
   shutil.copytree(workdir, copy)
   with pytest.raises(MotivationError, match="tokenizer"):
     train.train_and_evaluate(_config(tokenizer="bpe:280"), str(copy))
+
+
+def test_the_experiments_suite_compares_lm_runs_in_bits_per_byte(tmp_path):
+  """The experiments command's suite and report on a language model: the
+  arms differ in what they train, and what is compared is each seed's
+  held-out bits per byte, lower being better."""
+  lines = []
+  records = suite.run_suite(_config(), [0, 1], str(tmp_path), ("base_alone", "motivated"),
+                            log=lines.append)
+  assert any("test_bits_per_byte base" in line for line in lines)
+  meta = {"config": "tiny", "seeds": [0, 1], "arms": ["base_alone", "motivated"],
+          "machine": "test", "command": "test", "phase_steps": 1}
+  rep = report.build_report(records, meta)
+  assert rep["metric"]["key"] == "test_bits_per_byte"
+  bpb = {(r["arm"], r["seed"]): r["summary"]["base/test_bits_per_byte"] for r in records}
+  assert bpb["base_alone", 0] != bpb["base_alone", 1]  # the seed is each run's own
+  d = rep["paired"]["motivated - base_alone"]["base"]
+  assert d["differences"] == pytest.approx(
+      [bpb["motivated", s] - bpb["base_alone", s] for s in (0, 1)])
+  assert d["verdict"] == report.stats.verdict(d, higher_is_better=False)
+  assert all(r["summary"]["motivated_steps"] == 0 for r in records if r["arm"] == "base_alone")
+  report.write_report(rep, records, str(tmp_path))
+  for name in ("bits_per_byte_over_training.png", "bits_per_byte_vs_flops.png"):
+    assert (tmp_path / name).stat().st_size > 0, name
+  assert "held-out bits per byte" in (tmp_path / "report.md").read_text()

@@ -4,10 +4,17 @@ first, then tables) and plots, from the run records of ``suite.load_run``.
 Every interval has the seed as the unit (``stats``); two arms are compared on
 the seeds both ran. A statistic that needs an arm the suite did not run is
 left out, and report.md says which arm it needs.
+
+What is compared is the task's held-out score (``metric_of``): test accuracy
+for classification (higher is better), held-out bits per byte for a language
+model (lower is better; its per-token accuracy stays in each run's summary).
+Differences are always ``arm - reference`` in the metric's own unit; a verdict
+("helped", "hurt") reads the metric's direction.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Mapping, Sequence
@@ -34,8 +41,34 @@ def _by_arm(records: Sequence[Mapping]) -> dict[str, dict[int, Mapping]]:
   return {arm: dict(sorted(runs.items())) for arm, runs in out.items() if runs}
 
 
-def _accuracy(runs: Mapping[int, Mapping], model: str) -> dict[int, float]:
-  return {s: float(r["summary"][f"{model}/test_accuracy"]) for s, r in runs.items()}
+@dataclasses.dataclass(frozen=True)
+class Metric:
+  """The held-out number a suite compares: ``{model}/{key}`` of each summary
+  (and of each evaluation in metrics.jsonl, for the plots over training)."""
+  key: str  # "test_accuracy"
+  name: str  # "test accuracy", in sentences and headings
+  higher_is_better: bool
+  slug: str  # in the plots' file names
+
+  def of(self, summary: Mapping, model: str) -> float:
+    return float(summary[f"{model}/{self.key}"])
+
+
+ACCURACY = Metric("test_accuracy", "test accuracy", True, "accuracy")
+BITS_PER_BYTE = Metric("test_bits_per_byte", "held-out bits per byte", False, "bits_per_byte")
+
+
+def metric_of(records: Sequence[Mapping]) -> Metric:
+  """Bits per byte for a suite of language-model runs, test accuracy otherwise.
+  Every run of one suite has one config, so one task; a mix is refused."""
+  tasks = {r["summary"].get("task", "classification") for r in records}
+  if len(tasks) > 1:
+    raise ValueError(f"a suite's runs must share one task; these have {sorted(tasks)}")
+  return BITS_PER_BYTE if tasks == {"causal_lm"} else ACCURACY
+
+
+def _scores(runs: Mapping[int, Mapping], model: str, metric: Metric) -> dict[int, float]:
+  return {s: metric.of(r["summary"], model) for s, r in runs.items()}
 
 
 def _trained(runs: Mapping[int, Mapping], model: str) -> bool:
@@ -62,30 +95,34 @@ def _comparisons() -> list[tuple[str, str, tuple[str, ...]]]:
   return out
 
 
-def _paired(a: Mapping[int, float], b: Mapping[int, float], confidence: float) -> dict:
+def _paired(a: Mapping[int, float], b: Mapping[int, float], confidence: float,
+            metric: Metric) -> dict:
   d = stats.paired_difference(a, b, confidence)
-  return {**d, "verdict": stats.verdict(d)}
+  return {**d, "verdict": stats.verdict(d, higher_is_better=metric.higher_is_better)}
 
 
 def build_report(records: Sequence[Mapping], meta: Mapping[str, Any], *,
                  confidence: float = 0.95, signal_window: int = SIGNAL_WINDOW,
                  signal_span: int = SIGNAL_SPAN) -> dict[str, Any]:
-  """The report as a JSON-ready dict: ``meta``, ``arms``, ``seeds``,
-  ``accuracy``, ``paired``, ``not_measured``, ``cost``, ``signal``, ``claims``."""
+  """The report as a JSON-ready dict: ``meta``, ``metric`` (what ``scores``
+  and ``paired`` measure), ``arms``, ``seeds``, ``scores``, ``paired``,
+  ``not_measured``, ``cost``, ``compilation``, ``signal``, ``claims``."""
   runs = _by_arm(records)
   arms = list(runs)
+  metric = metric_of(records)
   report: dict[str, Any] = {
-      "meta": dict(meta), "confidence": confidence, "arms": arms,
-      "seeds": {a: list(runs[a]) for a in arms},
-      "accuracy": {a: {m: stats.mean_ci(list(_accuracy(runs[a], m).values()), confidence)
-                       for m in MODELS} for a in arms},
+      "meta": dict(meta), "confidence": confidence, "metric": dataclasses.asdict(metric),
+      "arms": arms, "seeds": {a: list(runs[a]) for a in arms},
+      "scores": {a: {m: stats.mean_ci(list(_scores(runs[a], m, metric).values()), confidence)
+                     for m in MODELS} for a in arms},
       "paired": {}, "not_measured": [],
   }
-  # paired["motivated - base_alone"]["base"]: the base model's accuracy, same seed.
+  # paired["motivated - base_alone"]["base"]: the base model's score, same seed.
   for arm, ref, models in _comparisons():
     if arm in runs and ref in runs:
       report["paired"][f"{arm} - {ref}"] = {
-          m: _paired(_accuracy(runs[arm], m), _accuracy(runs[ref], m), confidence)
+          m: _paired(_scores(runs[arm], m, metric), _scores(runs[ref], m, metric),
+                     confidence, metric)
           for m in models}
     elif arm in runs or arm == "motivated":
       needs = " and ".join(a for a in (arm, ref) if a not in runs)
@@ -159,11 +196,12 @@ def _claim(id_: str, question: str, needs: Sequence[str], report: Mapping, make)
 
 
 def _claims(report: Mapping) -> list[dict]:
-  acc, paired, cost, signal = (report[k] for k in ("accuracy", "paired", "cost", "signal"))
+  acc, paired, cost, signal = (report[k] for k in ("scores", "paired", "cost", "signal"))
+  name = report["metric"]["name"]
 
   def helped_base():
     d = paired["motivated - base_alone"]["base"]
-    return (f"With motivation the base model's test accuracy changed by {fmt_diff(d)} "
+    return (f"With motivation the base model's {name} changed by {fmt_diff(d)} "
             f"against the same base trained alone ({_seeds(d)}): {d['verdict']}.",
             d, d["verdict"], {m: acc[m]["base"]["mean"] for m in ("motivated", "base_alone")})
 
@@ -171,7 +209,7 @@ def _claims(report: Mapping) -> list[dict]:
     d = paired["motivated - large_alone"]["motivated"]
     ratio = cost["motivated"]["flops_ratio_to_large_alone"]
     plain = {"helped": "better", "hurt": "worse"}.get(d["verdict"], d["verdict"])
-    return (f"The motivated model's test accuracy differs from the large model trained alone "
+    return (f"The motivated model's {name} differs from the large model trained alone "
             f"on every batch by {fmt_diff(d)} ({_seeds(d)}): {plain}; its training took "
             f"{ratio:.1%} of the large model's FLOPs.",
             d, d["verdict"], {"motivated": acc["motivated"]["motivated"]["mean"],
@@ -182,7 +220,7 @@ def _claims(report: Mapping) -> list[dict]:
     def make():
       d = paired["motivated - random_times"][model]
       return (f"Training the motivated model on the condition's batches instead of as many "
-              f"random batches changed the {model} model's test accuracy by {fmt_diff(d)} "
+              f"random batches changed the {model} model's {name} by {fmt_diff(d)} "
               f"({_seeds(d)}): {d['verdict']}.",
               d, d["verdict"], {a: acc[a][model]["mean"] for a in ("motivated", "random_times")})
     return make
@@ -259,8 +297,8 @@ def _save(fig: Figure, path: str) -> str:
   return path
 
 
-def plot_accuracy_over_training(runs: Mapping, path: str) -> str | None:
-  """Test accuracy of both models against the batch, per arm that trained the
+def plot_over_training(runs: Mapping, path: str, metric: Metric = ACCURACY) -> str | None:
+  """The held-out score of both models against the batch, per arm that trained the
   model: thin lines per seed, a thick line for the mean over seeds at the
   batches all seeds evaluated. The bottom row zooms into the second half of
   training, where the arms differ by a point or less."""
@@ -268,7 +306,7 @@ def plot_accuracy_over_training(runs: Mapping, path: str) -> str | None:
     return None
   fig = Figure(figsize=(11, 7))
   for column, model in enumerate(MODELS):
-    key = f"{model}/test_accuracy"
+    key = f"{model}/{metric.key}"
     full, zoom = fig.add_subplot(2, 2, column + 1), fig.add_subplot(2, 2, column + 3)
     last, late = 0, []
     for arm, by_seed in runs.items():
@@ -285,9 +323,9 @@ def plot_accuracy_over_training(runs: Mapping, path: str) -> str | None:
           ax.plot(common, [np.mean([c[s] for c in curves]) for s in common], "o-",
                   color=COLORS[arm], lw=2, ms=4, label=arm)
       late += [(s, v) for c in curves for s, v in c.items()]
-    full.set(title=f"{model} model", ylabel="test accuracy")
+    full.set(title=f"{model} model", ylabel=metric.name)
     zoom.set(title=f"{model} model, second half (zoomed)", xlabel="batch",
-             ylabel="test accuracy")
+             ylabel=metric.name)
     late = [v for s, v in late if s >= last / 2]
     if late:
       low, high = min(late), max(late)
@@ -301,9 +339,11 @@ def plot_accuracy_over_training(runs: Mapping, path: str) -> str | None:
   return _save(fig, path)
 
 
-def plot_activation_timeline(runs: Mapping, path: str) -> str | None:
+def plot_activation_timeline(runs: Mapping, path: str, metric: Metric = ACCURACY
+                             ) -> str | None:
   """Per-batch training loss of the lowest seed of the ``motivated`` arm,
   base and motivated batches apart, with a rug at the motivated batches."""
+  del metric  # the training loss, whatever the task
   if "motivated" not in runs:
     return None
   seed, record = next(iter(runs["motivated"].items()))
@@ -321,8 +361,8 @@ def plot_activation_timeline(runs: Mapping, path: str) -> str | None:
   return _save(fig, path)
 
 
-def plot_accuracy_vs_flops(runs: Mapping, path: str) -> str | None:
-  """Final test accuracy against training FLOPs: a point per run and model."""
+def plot_vs_flops(runs: Mapping, path: str, metric: Metric = ACCURACY) -> str | None:
+  """The final held-out score against training FLOPs: a point per run and model."""
   if not runs:
     return None
   fig = Figure(figsize=(7, 5))
@@ -333,7 +373,7 @@ def plot_accuracy_vs_flops(runs: Mapping, path: str) -> str | None:
       for model in MODELS:
         if not _trained(by_seed, model):
           continue
-        ax.plot(r["summary"]["training_flops"], r["summary"][f"{model}/test_accuracy"],
+        ax.plot(r["summary"]["training_flops"], metric.of(r["summary"], model),
                 markers[model], color=COLORS[arm], alpha=0.8)
   if all(r["summary"]["training_flops"] > 0 for a in runs for r in runs[a].values()):
     ax.set_xscale("log")
@@ -341,14 +381,16 @@ def plot_accuracy_vs_flops(runs: Mapping, path: str) -> str | None:
   handles += [Line2D([], [], ls="", marker=markers[m], color="k", label=f"{m} model")
               for m in MODELS]
   ax.legend(handles=handles, fontsize=8)
-  ax.set(xlabel="training FLOPs", ylabel="final test accuracy", title="accuracy against cost")
+  ax.set(xlabel="training FLOPs", ylabel=f"final {metric.name}",
+         title=f"{metric.name} against cost")
   ax.grid(alpha=0.3)
   return _save(fig, path)
 
 
-PLOTS = (("accuracy_over_training.png", "Test accuracy over training", plot_accuracy_over_training),
+# (file name, title, plot); {slug} and {name} are the metric's.
+PLOTS = (("{slug}_over_training.png", "{Name} over training", plot_over_training),
          ("activation_timeline.png", "When the motivated model trained", plot_activation_timeline),
-         ("accuracy_vs_flops.png", "Accuracy against training FLOPs", plot_accuracy_vs_flops))
+         ("{slug}_vs_flops.png", "{Name} against training FLOPs", plot_vs_flops))
 
 
 def _markdown(report: Mapping, plots: Sequence[tuple[str, str]]) -> str:
@@ -367,16 +409,19 @@ def _markdown(report: Mapping, plots: Sequence[tuple[str, str]]) -> str:
   for i, c in enumerate(report["claims"], 1):
     lines.append(f"{i}. **{c['question']}** {c['statement']}")
 
-  lines += ["", f"## Test accuracy (mean ± half-width of the {pct} interval)", "",
+  name = report["metric"]["name"]
+  better = "higher" if report["metric"]["higher_is_better"] else "lower"
+  lines += ["", f"## {name[0].upper() + name[1:]} (mean ± half-width of the {pct} interval; "
+            f"{better} is better)", "",
             "| arm | seeds | base model | motivated model |", "|---|---|---|---|"]
-  for a, acc in report["accuracy"].items():
+  for a, acc in report["scores"].items():
     c = report["cost"][a]
     motivated = fmt_acc(acc["motivated"]) if c["motivated_fraction"] > 0 else "never trained"
     base = (fmt_acc(acc["base"]) if c["motivated_fraction"] < 1
             else f"({fmt_acc(acc['base'])}: never trained on its own)")
     lines.append(f"| {a} | {acc['base']['n']} | {base} | {motivated} |")
 
-  lines += ["", "## Paired differences of test accuracy (same seed)", "",
+  lines += ["", f"## Paired differences of {name} (same seed)", "",
             f"| comparison | model | seeds | difference [{pct} interval] | verdict |",
             "|---|---|---|---|---|"]
   for name, by_model in report["paired"].items():
@@ -442,10 +487,12 @@ def write_report(report: Mapping, records: Sequence[Mapping], out_dir: str) -> l
   """Writes report.md, report.json and the plots whose arms ran into
   ``out_dir``; gives their paths."""
   os.makedirs(out_dir, exist_ok=True)
-  runs = _by_arm(records)
+  runs, metric = _by_arm(records), Metric(**report["metric"])
+  words = {"slug": metric.slug, "Name": metric.name[0].upper() + metric.name[1:]}
   plots, paths = [], []
   for name, title, plot in PLOTS:
-    if plot(runs, os.path.join(out_dir, name)):
+    name, title = name.format(**words), title.format(**words)
+    if plot(runs, os.path.join(out_dir, name), metric):
       plots.append((name, title))
       paths.append(os.path.join(out_dir, name))
   md, js = os.path.join(out_dir, "report.md"), os.path.join(out_dir, "report.json")

@@ -195,7 +195,8 @@ def run_suite(config: ml_collections.ConfigDict, seeds: Sequence[int], workdir: 
         train_fn(arm_config(config, arm, seed, source), directory)
       finished[arm] = load_run(directory, arm, seed)
       s = finished[arm]["summary"]
-      log(f"{tag}: base {s['base/test_accuracy']:.4f}, motivated "
-          f"{s['motivated/test_accuracy']:.4f}, {s['motivated_steps']} motivated batches")
+      key = "test_bits_per_byte" if s.get("task") == "causal_lm" else "test_accuracy"
+      log(f"{tag}: {key} base {s[f'base/{key}']:.4f}, motivated "
+          f"{s[f'motivated/{key}']:.4f}, {s['motivated_steps']} motivated batches")
     records += [finished[a] for a in order if a in requested]
   return records
