@@ -772,7 +772,9 @@ def measure_overhead(config, mode: Mode, workdir: str) -> dict[str, Any]:
           seconds, log = result["wall_time_s"], compile_log.summary(used)
           accuracy[variant] = result["test_accuracy"]
         times[f"{variant} {temperature}"].append(seconds)
-        compiles[f"{variant} {temperature}"] = {k: v for k, v in log.items() if k != "programs"}
+        compiles[f"{variant} {temperature}"] = {
+            k: v for k, v in log.items() if k != "programs"} | {  # no machine path in results
+            "cache_dir": f"DIR/cache_{variant}_{trial}"}
   # Give the process back the cache it had (the directories above are temporary).
   jax.config.update("jax_compilation_cache_dir", cache_before)
   jax_cache.reset_cache()
@@ -964,10 +966,11 @@ def overhead_markdown(o: dict[str, Any]) -> list[str]:
   lines = [f"Whole-run overhead (`train_and_evaluate` of the base alone, condition "
                 f"`never`, against `benchmarks/plain_loop.py`, the plain flax/optax loop of "
                 f"the standalone base on the same {o['batches']} batches, evaluating the test "
-                f"set every {o['eval_every_epochs']} epoch(s); the package also evaluates "
-                f"the motivated model, recalibrates batch norm on "
-                f"{o['bn_recalibration_batches']} batches per sub-network and checkpoints "
-                f"every {o['checkpoint_every_epochs']} epochs; median of {o['repeats']}; "
+                f"set every {o['eval_every_epochs']} epoch(s); the package also "
+                f"recalibrates batch norm on {o['bn_recalibration_batches']} batches before "
+                f"each evaluation, evaluates the motivated model (never trained here) at the "
+                f"end, and checkpoints every {o['checkpoint_every_epochs']} epochs with both "
+                f"sub-networks' statistics; median of {o['repeats']}; "
                 "in-memory caches cleared before each run"
                 + ("" if o["cold_is_cold"] else "; JAX_COMPILATION_CACHE_DIR was set, so "
                    "no run was cold") + "):", "",

@@ -72,7 +72,8 @@ def _host_zeros(shapes: PyTree, images: jax.Array) -> PyTree:
 def make_recalibrate(model, wmap: nesting.WeightsMap, *,
                      normalisation: Normalisation | None = None
                      ) -> Callable[[Any, Iterable], dict[str, PyTree] | None]:
-  """``recalibrate(state, batches) -> {"base": stats, "motivated": stats}``.
+  """``recalibrate(state, batches, subnets=SUBNETS) -> {"base": stats, "motivated": stats}``
+  (the sub-networks ``subnets`` names: an evaluation of one recalibrates one).
 
   ``state`` in logical order (``steps.ORDERS``; a state in storage order is
   refused). ``batches`` are device batches (the calibration batches); uint8 images are
@@ -116,7 +117,9 @@ def make_recalibrate(model, wmap: nesting.WeightsMap, *,
                    for subnet in SUBNETS}
   finish = jax.jit(finish, static_argnums=2)
 
-  def recalibrate(state, batches: Iterable) -> dict[str, PyTree] | None:
+  def recalibrate(state, batches: Iterable, subnets: Iterable[str] = SUBNETS
+                  ) -> dict[str, PyTree] | None:
+    subnets = tuple(s for s in SUBNETS if s in tuple(subnets))  # in order, each once
     if getattr(state, "order", "logical") != "logical":
       raise ValueError(f"recalibration reads a state in logical order, got one in "
                        f"{state.order} order; convert it with steps.make_order_converters")
@@ -125,15 +128,16 @@ def make_recalibrate(model, wmap: nesting.WeightsMap, *,
     sums, count = None, 0
     for batch in batches:
       if sums is None:  # zeros of the moments' shapes, known without running anything
-        sums = {subnet: _host_zeros(jax.eval_shape(fn, state.variables(subnet),
-                                                   batch["image"]), batch["image"])
-                for subnet, fn in moment_shapes.items()}
-      for subnet, step in steps.items():
-        sums[subnet] = step(sums[subnet], state.variables(subnet), batch["image"])
+        sums = {subnet: _host_zeros(jax.eval_shape(moment_shapes[subnet],
+                                                   state.variables(subnet), batch["image"]),
+                                    batch["image"])
+                for subnet in subnets}
+      for subnet in subnets:
+        sums[subnet] = steps[subnet](sums[subnet], state.variables(subnet), batch["image"])
       count += 1
     if count == 0:
       raise ValueError("recalibration needs at least one batch")
     return {subnet: finish(state.subnet_stats(subnet), sums[subnet], count)
-            for subnet in SUBNETS}
+            for subnet in subnets}
 
   return recalibrate

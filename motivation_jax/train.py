@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +37,7 @@ import tqdm
 from motivation_jax import (agreement, checkpoint, config_lib, data, files, lease, lm, models,
                             nesting, recalibration, sharding, steps, tasks)
 from motivation_jax import compilation
+from motivation_jax.common import SUBNETS
 from motivation_jax.controller import Controller
 from motivation_jax.errors import ConfigError, Preempted, TrainingError
 from motivation_jax.metrics import MetricWriter, cut_jsonl, finite_json
@@ -173,8 +174,8 @@ class Run:
   put: Callable[[Any], Any]        # a host batch -> the global batch on the devices
   train_steps: dict[str, Any]      # "base" | "motivated" -> compiled step
   eval_steps: dict[str, Callable]  # "base" | "motivated" -> jitted eval step
-  # state -> {"base": stats, "motivated": stats} recalibrated, or None (off, or no batch norm)
-  recalibrate: Callable[[steps.TrainState], dict | None]
+  # (state, subnets) -> {subnet: stats} recalibrated, or None (off, or no batch norm)
+  recalibrate: Callable[..., dict | None]
   flops: dict[str, float]          # per train step, all devices together, from XLA
   ckpt: checkpoint.Checkpointer
   writer: MetricWriter
@@ -199,13 +200,25 @@ class Run:
 
   _eval_stats: tuple[int, dict | None] | None = None
 
-  def eval_stats(self, state: steps.TrainState) -> dict | None:
-    """The recalibrated statistics of ``state``, computed once per batch count
-    (an evaluation and a checkpoint of the same batch share them)."""
+  def eval_stats(self, state: steps.TrainState, subnets: Sequence[str] = SUBNETS
+                 ) -> dict | None:
+    """The recalibrated statistics of ``state`` for ``subnets``, each computed
+    once per batch count (an evaluation and a checkpoint of the same batch
+    share them); None where recalibration is off or the model has no batch norm."""
     step = int(state.step)
     if self._eval_stats is None or self._eval_stats[0] != step:
-      self._eval_stats = (step, self.recalibrate(state))
-    return self._eval_stats[1]
+      self._eval_stats = (step, {})
+    done = self._eval_stats[1]
+    if done is None:
+      return None
+    missing = [s for s in subnets if s not in done]
+    if missing:
+      got = self.recalibrate(state, missing)
+      if got is None:
+        self._eval_stats = (step, None)
+        return None
+      done.update(got)
+    return {s: done[s] for s in subnets}
 
   def __post_init__(self):
     if self.schedule is None:
@@ -343,12 +356,12 @@ def make_recalibrate(config, model, wmap: nesting.WeightsMap, dataset: data.Data
       dataset, config.batch_size, seed=config.seed,
       rows=sharding.process_rows(batch_sharding, config.batch_size))
 
-  def calibrated(state: steps.TrainState) -> dict | None:
+  def calibrated(state: steps.TrainState, subnets: Sequence[str] = SUBNETS) -> dict | None:
     if num_batches == 0:
       return None
     return recalibrate(state, data.prefetch_to_device(
         batches.iterator(0, num_batches, threads=config.data_threads,
-                         workers=config.data_workers), put))
+                         workers=config.data_workers), put), subnets)
 
   return calibrated
 
@@ -666,19 +679,20 @@ def evaluate(eval_steps, state, eval_data: data.EvalBatches, put, threads: int,
 COMPARED_EVALUATIONS = 3
 
 
-def evaluate_run(run: Run, state: steps.TrainState, *, compare: bool = False
-                 ) -> dict[str, float]:
-  """``evaluate`` with the run's recalibrated statistics; with ``compare`` (and
-  recalibration on) also with the running averages, as
+def evaluate_run(run: Run, state: steps.TrainState, *, compare: bool = False,
+                 subnets: Sequence[str] = SUBNETS) -> dict[str, float]:
+  """``evaluate`` of ``subnets`` with the run's recalibrated statistics; with
+  ``compare`` (and recalibration on) also with the running averages, as
   ``{subnet}/test_accuracy_running_stats`` and ``{subnet}/test_loss_running_stats``.
   ``state`` in either order (the loop's is in storage order): it reads logical order."""
   state = run.order["logical"](state)
-  eval_stats = run.eval_stats(state)
-  metrics = evaluate(run.eval_steps, state, run.eval_data, run.put,
+  eval_stats = run.eval_stats(state, subnets)
+  eval_steps = {s: run.eval_steps[s] for s in SUBNETS if s in subnets}
+  metrics = evaluate(eval_steps, state, run.eval_data, run.put,
                      run.config.data_threads, eval_stats, workers=run.config.data_workers,
                      task=run.task)
   if compare and eval_stats is not None:
-    running = evaluate(run.eval_steps, state, run.eval_data, run.put, run.config.data_threads,
+    running = evaluate(eval_steps, state, run.eval_data, run.put, run.config.data_threads,
                        workers=run.config.data_workers)
     metrics.update({f"{k}_running_stats": v for k, v in running.items()})
   return metrics
@@ -690,7 +704,12 @@ def evaluate_and_log(run: Run, state: steps.TrainState, step: int, bar: tqdm.tqd
   epoch = step // run.train_data.steps_per_epoch
   compare = (step // run.schedule.period <= COMPARED_EVALUATIONS * run.schedule.eval_every
              or step == run.total_steps)
-  metrics = evaluate_run(run, state, compare=compare)
+  # Until the last evaluation, only the sub-networks that have trained: one
+  # that never took an update of its own (the motivated model of a run whose
+  # condition has not fired, as in the experiments' base_alone arm) is
+  # evaluated, and recalibrated, once, at the end, for the summary.
+  subnets = SUBNETS if step == run.total_steps else (trained_subnets(run) or SUBNETS)
+  metrics = evaluate_run(run, state, compare=compare, subnets=subnets)
   run.writer.write(step, {**metrics, "epoch": epoch})
   if run.schedule.unit == "batch":  # LM runs count steps (lm.Schedule)
     epoch = step

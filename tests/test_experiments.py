@@ -92,6 +92,24 @@ def test_every_arm_runs_for_every_seed_with_its_own_motivation(tiny):
   assert by["base_alone", 0]["decisions"][0]["loss"] == by["motivated", 0]["decisions"][0]["loss"]
 
 
+def test_a_sub_network_that_has_not_trained_is_evaluated_only_at_the_end(tiny):
+  """base_alone never trains its motivated model, large_alone never its base on
+  its own: their intermediate evaluations leave that model out (and its
+  batch-norm recalibration, which costs a forward pass of 20 batches); the last
+  evaluation, the summary's, has both. The motivated arm, whose condition fired
+  in the first epoch, evaluates both every time."""
+  _, _, _, records, _ = tiny
+  by = {(r["arm"], r["seed"]): r for r in records}
+  for arm, absent in (("base_alone", "motivated"), ("large_alone", "base")):
+    first, last = by[arm, 0]["evals"]
+    assert f"{absent}/test_accuracy" not in first, first
+    assert {"base/test_accuracy", "motivated/test_accuracy"} <= set(last)
+  fired = min(d["step"] for d in by["motivated", 0]["decisions"] if d["kind"] == "motivated")
+  assert fired < by["motivated", 0]["evals"][0]["step"]
+  assert all("motivated/test_accuracy" in e and "base/test_accuracy" in e
+             for e in by["motivated", 0]["evals"])
+
+
 def test_an_interrupted_suite_reuses_finished_runs_and_resumes_the_rest(tiny, tmp_path):
   _, config, workdir, records, _ = tiny
   copy = tmp_path / "suite"
