@@ -77,6 +77,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.grad_clip_norm = ml_collections.FieldReference(None, field_type=float)
   config.batch_size = 64
   config.num_epochs = 20
+  # None: num_epochs epochs. N: stop after N batches, with the warm-up and the
+  # cosine decay compressed to them (the experiments' large_matched arm trains
+  # the large model for the FLOPs the motivated arm spent). Image runs; a
+  # language model's length is num_train_steps.
+  config.train_steps = ml_collections.FieldReference(None, field_type=int)
   config.seed = 0
 
   # The motivation controller (motivation_jax/controller.py documents each key).
@@ -94,7 +99,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.motivation.warmup_steps = 0    # base-only batches at the start
   config.motivation.cooldown_steps = 0  # base-only batches after each phase
   config.motivation.decision_lag = 1    # 0: the paper's exact timing (a sync per step)
-  config.motivation.policy = "switch"   # "switch" or "both" (base step, then motivated)
+  # "switch", "both" (base step, then motivated) or "joint" (one update of both losses summed)
+  config.motivation.policy = "switch"
   # Cost cap: at most this fraction of the batches so far are motivated (None: no cap).
   config.motivation.max_fraction = ml_collections.FieldReference(None, field_type=float)
 

@@ -16,7 +16,7 @@ from motivation_jax.errors import ConfigError, NestingError
 SUBNETS = ("base", "motivated")
 # What a motivated batch trains (docs/choices.md): the motivated model only, or a
 # base step and then a motivated step.
-POLICIES = ("switch", "both")
+POLICIES = ("switch", "both", "joint")
 
 
 def check_subnet(subnet: str) -> None:

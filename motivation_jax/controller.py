@@ -70,7 +70,7 @@ sub-dict of that name in the config):
   condition it is not consulted during warmup, a phase or a cooldown.
 * ``never``, ``always``.
 
-``policy`` ("switch" or "both") is only validated and carried in the config
+``policy`` ("switch", "both" or "joint") is only validated and carried in the config
 for the loop to pass to ``steps.make_train_steps``.
 
 Checkpointing: ``state_dict()`` is a small JSON-serialisable dict holding the

@@ -175,7 +175,8 @@ class Schedule:
 
 def schedule(config, steps_per_epoch: int) -> Schedule:
   if config.get("task", "classification") != "causal_lm":
-    return Schedule(config.num_epochs * steps_per_epoch, steps_per_epoch,
+    return Schedule(config.get("train_steps") or config.num_epochs * steps_per_epoch,
+                    steps_per_epoch,
                     config.eval_every_epochs, config.checkpoint_every_epochs, "epoch")
   period = math.gcd(config.eval_every_steps, config.checkpoint_every_steps)
   return Schedule(config.num_train_steps, period, config.eval_every_steps // period,

@@ -173,14 +173,19 @@ def make_optimizer(config, total_steps: int, steps_per_epoch: int
   indexed by the global batch count.
 
   Optional keys (the language-model configs set them; absent, the optimizer is
-  exactly the one above): ``warmup_steps`` (instead of ``warmup_epochs``),
+  exactly the one above): ``train_steps`` (an image run of N batches: the
+  warm-up is ``warmup_epochs / num_epochs`` of them), ``warmup_steps`` (instead
+  of ``warmup_epochs``),
   ``final_learning_rate`` (where the cosine ends, default 0), ``adam_b2``
   (AdamW's second-moment decay, default 0.999), ``grad_clip_norm`` (None:
   off; else the gradient is scaled to at most this global norm before the
   update). A base step runs the optimizer on the base's views, so it clips by
   the base gradient's norm, as the standalone base's step does."""
   warmup_steps = config.get("warmup_steps")
-  if warmup_steps is None:
+  if warmup_steps is None and config.get("train_steps"):
+    # N batches instead of num_epochs epochs: the same shape, compressed.
+    warmup_steps = int(round(config.warmup_epochs * total_steps / config.num_epochs))
+  elif warmup_steps is None:
     warmup_steps = int(config.warmup_epochs * steps_per_epoch)
   warmup = min(int(warmup_steps), max(total_steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
@@ -479,6 +484,63 @@ def both_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_f
       "base_accuracy": base_metrics["accuracy"]}
 
 
+def joint_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_fn,
+                     wmap: nesting.WeightsMap | None = None,
+                     state_sharding: TrainState | None = None, seed: int = 0,
+                     task=tasks.CLASSIFICATION):
+  """Policy ``joint`` (MatFormer's recipe, as MatFormer-OLMo's and scenic
+  MatViT's trainers do it): both sub-networks on the same batch, their losses
+  summed, one gradient of the sum over the shared parameters and one
+  optimizer update. Unlike ``both`` (a base update, then a motivated update),
+  the base's parameters take one step, of the gradient of both losses.
+
+  Each sub-network normalises with, and updates, its own batch-norm
+  statistics (``batch_norm_stats="per_subnet"``; ``make_train_steps`` refuses
+  "shared"). Dropout keys: each sub-network's own (``batch_rngs``). Metrics:
+  ``loss`` and ``accuracy`` are the motivated model's (the controller's signal,
+  as under ``both``), ``base_loss`` and ``base_accuracy`` the base's."""
+  to_logical = None
+  if stored_order(state_sharding, wmap) == "storage":
+    _check_order(state, "storage")
+    to_logical = functools.partial(nesting.to_logical, regions=wmap.params,
+                                   shardings=state_sharding.params)
+  compute_sharding = _compute_sharding(state_sharding)
+  inputs = task.inputs(batch)
+
+  def objective(p):
+    if compute_sharding is not None:
+      p = jax.lax.with_sharding_constraint(p, compute_sharding)
+    if to_logical is not None:
+      p = to_logical(p)
+    out = {}
+    for subnet in ("base", "motivated"):
+      logits, mutated = model.apply(
+          {"params": p, "batch_stats": state.subnet_stats(subnet)}, inputs, subnet=subnet,
+          train=True, mutable=["batch_stats"], rngs=_step_rngs(model, seed, state.step, subnet))
+      out[subnet] = (task.loss(logits, batch, loss_fn), logits, mutated.get("batch_stats", {}))
+    return out["base"][0] + out["motivated"][0], out
+
+  (total, out), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+  finite = all_finite(total, grads)
+  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  new_stats = state.batch_stats
+  if jax.tree.leaves(new_stats):
+    if state.batch_norm_stats != "per_subnet":
+      raise ValueError("policy 'joint' needs batch_norm_stats='per_subnet' (each sub-network "
+                       f"its own statistics), got {state.batch_norm_stats!r}")
+    new_stats = {**new_stats, **{subnet: out[subnet][2] for subnet in ("base", "motivated")}}
+  params, batch_stats, opt_state = keep_finite_update(
+      finite, (new_params, new_stats, new_opt_state),
+      (state.params, state.batch_stats, state.opt_state),
+      params_layout=None if state_sharding is None else state_sharding.params)
+  (base_loss, base_logits, _), (loss, logits, _) = out["base"], out["motivated"]
+  return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                       opt_state=opt_state), {
+      "loss": loss, "accuracy": task.accuracy(logits, batch), "nonfinite": ~finite,
+      "base_loss": base_loss, "base_accuracy": task.accuracy(base_logits, batch)}
+
+
 def make_train_steps(model, optimizer: optax.GradientTransformation, *,
                      wmap: nesting.WeightsMap,
                      loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy_loss,
@@ -498,7 +560,9 @@ def make_train_steps(model, optimizer: optax.GradientTransformation, *,
     policy: ``"switch"``: a motivated batch trains the motivated model only;
       ``"both"``: the "motivated" step is a base step followed by a motivated
       step on the same batch (one compiled program, two optimizer updates at
-      one position of the learning-rate schedule).
+      one position of the learning-rate schedule); ``"joint"``: the
+      "motivated" step trains both on the batch with one update of their
+      summed losses (``joint_train_step``, MatFormer's recipe).
     jit: return ``jax.jit``-ed functions (state donated); ``False`` returns the
       pure functions, for users who compose them inside their own jit.
     state_sharding, batch_sharding: optional shardings for ``jax.jit`` (one
@@ -535,6 +599,8 @@ def make_train_steps(model, optimizer: optax.GradientTransformation, *,
   if policy == "switch":
     motivated = functools.partial(motivated_train_step, wmap=wmap, state_sharding=layout,
                                   **deps)
+  elif policy == "joint":
+    motivated = functools.partial(joint_train_step, wmap=wmap, state_sharding=layout, **deps)
   else:
     motivated = functools.partial(both_train_step, wmap=wmap, opt_regions=opt_regions,
                                   state_sharding=layout, **deps)

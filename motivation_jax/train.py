@@ -86,12 +86,26 @@ def check_config(config) -> None:
     if config.model[key] not in allowed:
       raise ConfigError(f"config.model.{key} must be one of {allowed}, "
                         f"got {config.model[key]!r}")
+  if (config.motivation.get("policy") == "joint"
+      and config.model.batch_norm_stats != "per_subnet"):
+    raise ConfigError("config.motivation.policy='joint' needs config.model.batch_norm_stats="
+                      f"'per_subnet' (each sub-network its own statistics), got "
+                      f"{config.model.batch_norm_stats!r}")
   if config.get("dtype") not in models.DTYPES:
     raise ConfigError(f"config.dtype must be one of {models.DTYPES}, "
                       f"got {config.get('dtype')!r}")
   if "mesh" not in config:
     raise ConfigError("config.mesh is missing (configs/default.py lists every key)")
   sharding.check_mesh_config(config.mesh)  # setup checks it against the devices
+  train_steps = config.get("train_steps")
+  if train_steps is not None:
+    if not (isinstance(train_steps, int) and not isinstance(train_steps, bool)
+            and train_steps >= 1):
+      raise ConfigError(f"config.train_steps must be None (num_epochs epochs) or an integer "
+                        f">= 1, got {train_steps!r}")
+    if config.get("task") == "causal_lm":
+      raise ConfigError("config.train_steps is for image runs; a language model's length is "
+                        "config.num_train_steps")
   clip = config.get("grad_clip_norm")
   if clip is not None and not (isinstance(clip, numbers.Real) and not isinstance(clip, bool)
                                and math.isfinite(clip) and clip > 0):
@@ -331,7 +345,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, held
             put=put, train_steps=compiled,
             eval_steps=steps.make_eval_steps(model, normalisation=normalisation, task=task),
             recalibrate=(make_recalibrate(config, model, wmap, dataset, batch_sharding, put)
-                         if task is tasks.CLASSIFICATION else lambda state: None),
+                         if task is tasks.CLASSIFICATION else lambda state, subnets=SUBNETS: None),
             # XLA counts one device's share of the partitioned program: times the
             # devices, the FLOPs every device executed together.
             flops={kind: steps.compiled_flops(c) * mesh.size for kind, c in compiled.items()},
@@ -730,7 +744,7 @@ def evaluate_and_log(run: Run, state: steps.TrainState, step: int, bar: tqdm.tqd
 def trained_subnets(run: Run) -> list[str]:
   """The sub-networks that took at least one update of their own so far."""
   counts = run.controller.counts
-  base = counts["base"] > 0 or (run.config.motivation.policy == "both"
+  base = counts["base"] > 0 or (run.config.motivation.policy in ("both", "joint")
                                 and counts["motivated"] > 0)
   return [s for s, trained in (("base", base), ("motivated", counts["motivated"] > 0))
           if trained]
@@ -866,9 +880,10 @@ def _train_and_summarize(run: Run, state: steps.TrainState, start_time: float, *
 def summarize(run: Run, eval_metrics: dict[str, float], wall_time_s: float) -> dict[str, Any]:
   """What the run gave (both test accuracies) and what it cost."""
   counts, flops = run.controller.counts, run.flops
-  # Under policy "both" the compiled motivated step includes a base step.
+  # Under policies "both" and "joint" the compiled motivated step includes a
+  # base step (joint: the base's forward and backward, one update of the sum).
   motivated_only_flops = flops["motivated"] - (
-      flops["base"] if run.config.motivation.policy == "both" else 0.0)
+      flops["base"] if run.config.motivation.policy in ("both", "joint") else 0.0)
   return {
       "dataset": run.dataset.name,
       "train_examples": len(run.dataset.train),
@@ -877,6 +892,9 @@ def summarize(run: Run, eval_metrics: dict[str, float], wall_time_s: float) -> d
       "motivated/test_accuracy": eval_metrics["motivated/test_accuracy"],
       "base_steps": counts["base"],
       "motivated_steps": counts["motivated"],
+      # What a motivated batch trained: the motivated model ("switch"), the base
+      # then it ("both"), or both at once, one update ("joint").
+      "policy": run.config.motivation.policy,
       "activations": run.controller.activations,
       # Batches whose update was not applied (a non-finite loss or gradient).
       "nonfinite_steps": run.controller.missing_losses,

@@ -59,16 +59,19 @@ def test_every_arm_runs_for_every_seed_with_its_own_motivation(tiny):
   _, config, workdir, records, trained = tiny
   assert [(r["arm"], r["seed"]) for r in records] == [
       (arm, seed) for seed in (0, 1) for arm in suite.ARMS]
-  assert len(trained) == 10
+  assert len(trained) == 14
   by = {(r["arm"], r["seed"]): r for r in records}
   steps = 2 * (1437 // 128)
   for (arm, seed), r in by.items():
     s = r["summary"]
-    assert s["base_steps"] + s["motivated_steps"] == steps == len(r["decisions"])
-    assert [d["step"] for d in r["decisions"]] == list(range(steps))
+    batches = suite.matched_steps(by["motivated", seed]["summary"]) if (
+        arm == "large_matched") else steps
+    assert s["base_steps"] + s["motivated_steps"] == batches == len(r["decisions"])
+    assert [d["step"] for d in r["decisions"]] == list(range(batches))
     assert all(isinstance(d["loss"], float) for d in r["decisions"])
-    assert [e["epoch"] for e in r["evals"]] == [1, 2]
-    saved = json.load(open(os.path.join(r["workdir"], "checkpoints", str(steps), "config",
+    if arm != "large_matched":
+      assert [e["epoch"] for e in r["evals"]] == [1, 2]
+    saved = json.load(open(os.path.join(r["workdir"], "checkpoints", str(batches), "config",
                                         "metadata")))
     assert saved["seed"] == seed
   for seed in (0, 1):
@@ -87,6 +90,20 @@ def test_every_arm_runs_for_every_seed_with_its_own_motivation(tiny):
                                        str(steps), "config", "metadata")))["motivation"]
     assert rate["condition"] == "random" and rate["random"]["seed"] == seed
     assert rate["random"]["p"] == pytest.approx(motivated["activations"] / steps)
+    # The large model alone for the motivated run's FLOPs: within half a step of them.
+    matched, spent = by["large_matched", seed]["summary"], motivated["training_flops"]
+    step_flops = matched["flops_per_step"]["motivated"]
+    assert matched["base_steps"] == 0 and matched["motivated_steps"] < steps
+    assert abs(matched["training_flops"] - spent) <= step_flops / 2
+    saved = json.load(open(os.path.join(by["large_matched", seed]["workdir"], "checkpoints",
+                                        str(matched["motivated_steps"]), "config", "metadata")))
+    assert saved["train_steps"] == matched["motivated_steps"]
+    # MatFormer's joint training: both sub-networks on every batch, one update each.
+    joint = by["joint", seed]["summary"]
+    assert joint["policy"] == "joint" and joint["motivated_steps"] == steps
+    assert joint["flops_per_step"]["motivated"] > (joint["flops_per_step"]["base"]
+                                                   + motivated["flops_per_step"]["motivated"]) * 0.9
+    assert {"base/test_accuracy", "motivated/test_accuracy"} <= set(by["joint", seed]["evals"][0])
   # Same seed, same data and initial weights: before any motivated batch, the
   # base_alone and motivated arms train the same base on the same first batch.
   assert by["base_alone", 0]["decisions"][0]["loss"] == by["motivated", 0]["decisions"][0]["loss"]
@@ -166,7 +183,9 @@ def test_the_command_writes_the_report_from_the_finished_runs(tiny, tmp_path):
   # Every arm and seed has the first run's shapes: each run after it read every
   # program back from the compilation cache (the test suite's, tests/conftest.py).
   compiled = data["compilation"]
-  assert compiled["runs"] == 10 and compiled["runs_compiling_nothing"] >= 9, compiled
+  # (The joint step is a program of its own, and each seed's large_matched run
+  # has its own schedule length, compiled into its steps.)
+  assert compiled["runs"] == 14 and compiled["runs_compiling_nothing"] >= 10, compiled
   assert compiled["from_cache"] > 0
   assert "## Compilation" in (copy / "report.md").read_text()
 
@@ -179,4 +198,4 @@ def test_the_command_refuses_bad_arms_in_one_line(tmp_path):
   assert out.returncode == 2
   assert out.stderr.strip().splitlines() == [
       "error: --arms must name some of base_alone, motivated, large_alone, random_rate, "
-      "random_times; got motivated, bogus"]
+      "random_times, large_matched, joint; got motivated, bogus"]

@@ -7,7 +7,8 @@ import pytest
 
 from motivation_jax.experiments import report, stats
 
-ARMS = ("base_alone", "motivated", "large_alone", "random_rate", "random_times")
+ARMS = ("base_alone", "motivated", "large_alone", "random_rate", "random_times",
+        "large_matched", "joint")
 BATCHES, PHASE_STEPS = 240, 2
 # Final test accuracies (base model, motivated model) per arm, for seeds 0, 1, 2:
 # motivation adds 0.02-0.03 to the base; the motivated model is within noise
@@ -18,7 +19,12 @@ ACCURACY = {
     "large_alone": ([0.50, 0.52, 0.51], [0.87, 0.86, 0.88]),
     "random_rate": ([0.81, 0.82, 0.82], [0.86, 0.85, 0.86]),
     "random_times": ([0.815, 0.83, 0.82], [0.86, 0.86, 0.85]),
+    # The large model alone for the motivated arm's FLOPs: worse than the motivated model.
+    "large_matched": ([0.30, 0.30, 0.30], [0.85, 0.83, 0.85]),
+    # MatFormer's joint training: both better than with motivation.
+    "joint": ([0.83, 0.86, 0.845], [0.89, 0.865, 0.88]),
 }
+MATCHED_BATCHES = 77  # round(306e9 / 4e9): the motivated arm's FLOPs on the large step
 FLOPS = {"base": 1e9, "motivated": 4e9}
 
 
@@ -26,9 +32,9 @@ def _record(arm, seed):
   rng = np.random.default_rng([seed, ARMS.index(arm)])
   # Phases of PHASE_STEPS batches start at 20, 40, ..., 220; large_alone: every
   # batch is motivated; base_alone: none. The loss falls, with noise.
-  every = {"base_alone": None, "large_alone": 1}.get(arm, 20)
+  every = {"base_alone": None, "large_alone": 1, "large_matched": 1, "joint": 1}.get(arm, 20)
   decisions, phase = [], 0
-  for t in range(BATCHES):
+  for t in range(MATCHED_BATCHES if arm == "large_matched" else BATCHES):
     loss = float(2.0 * np.exp(-t / 100) + 0.05 * rng.normal())
     if phase:
       phase -= 1
@@ -46,14 +52,17 @@ def _record(arm, seed):
   evals = [{"step": s, "epoch": e, "base/test_accuracy": base * (e + 1) / 4,
             "motivated/test_accuracy": motivated * (e + 1) / 4}
            for e, s in enumerate(range(59, BATCHES, 60))]
+  # The joint step trains the base too: its FLOPs are both kinds'.
+  flops = {**FLOPS, "motivated": FLOPS["base"] + FLOPS["motivated"]} if arm == "joint" else FLOPS
   summary = {
       "base/test_accuracy": base, "motivated/test_accuracy": motivated,
+      "policy": "joint" if arm == "joint" else "switch",
       "base_steps": counts["base"], "motivated_steps": counts["motivated"],
       "activations": sum(d["reason"] == "condition" and d["kind"] == "motivated"
                          for d in decisions),
-      "training_flops": counts["base"] * FLOPS["base"] + counts["motivated"] * FLOPS["motivated"],
+      "training_flops": counts["base"] * flops["base"] + counts["motivated"] * flops["motivated"],
       "large_alone_flops": BATCHES * FLOPS["motivated"], "wall_time_s": 10.0 + seed,
-      "flops_per_step": FLOPS, "params": {"base": 1000, "motivated": 4000},
+      "flops_per_step": flops, "params": {"base": 1000, "motivated": 4000},
       "dataset": "synthetic"}
   return {"arm": arm, "seed": seed, "workdir": f"/tmp/{arm}-seed{seed}", "summary": summary,
           "evals": evals, "decisions": decisions}
@@ -128,7 +137,23 @@ def test_the_full_report_has_its_files_numbers_and_verdicts(tmp_path):
   assert "motivated - random_times" in data["signal"]
 
   claims = {c["id"]: c for c in data["claims"]}
-  assert len(claims) == 5 and all(c["verdict"] for c in claims.values())
+  assert len(claims) == 8 and all(c["verdict"] for c in claims.values())
+  # The two baselines a user would choose instead. Same compute on the large
+  # model alone: 0.03, 0.02, 0.02 worse than the motivated model.
+  matched = data["paired"]["motivated - large_matched"]["motivated"]
+  assert matched["differences"] == pytest.approx([0.03, 0.02, 0.02])
+  assert claims["motivated_as_good_as_large_matched"]["verdict"] == "helped"
+  assert "on 77 batches" in claims["motivated_as_good_as_large_matched"]["statement"]
+  assert ": better." in claims["motivated_as_good_as_large_matched"]["statement"]
+  # Joint training did better on both models, at 1200e9 FLOPs against 306e9.
+  for model, diffs in (("base", [-0.01, -0.01, -0.015]), ("motivated", [-0.01, -0.015, -0.01])):
+    d = data["paired"]["motivated - joint"][model]
+    assert d["differences"] == pytest.approx(diffs) and d["verdict"] == "hurt"
+  assert "25.5% of the joint arm's training FLOPs" in claims["base_against_joint"]["statement"]
+  assert data["trained"]["joint"] == ["base", "motivated"]
+  assert data["trained"]["large_matched"] == ["motivated"]
+  assert data["cost"]["joint"]["policy"] == "joint"
+  assert data["cost"]["large_matched"]["batches"] == 77
   assert claims["motivation_helped_base"]["verdict"] == "helped"
   assert "+0.0233 [+0.0090, +0.0377]" in claims["motivation_helped_base"]["statement"]
 

@@ -203,12 +203,50 @@ def test_both_policy_is_a_base_step_then_a_motivated_step(batch):
   assert int(got.step) == 1 and _counts(got.opt_state) == [1]
 
 
+def test_joint_policy_is_one_update_of_the_summed_losses(batch):
+  """MatFormer's recipe: with plain SGD, one update of the gradient of the
+  summed losses is the base step's move plus the motivated step's move, both
+  taken from the same parameters (p - lr (g_base + g_motivated)); each
+  sub-network's batch-norm statistics are those its own step writes; one
+  optimizer count per batch."""
+  model, optimizer = MODELS["cnn"](), optax.sgd(0.05)
+  state, _, joint = _setup(model, optimizer, batch, policy="joint")
+  _, _, switch = _setup(model, optimizer, batch)
+  start = _copy(state)
+  state, _ = switch["motivated"](state, make_batch(seed=5))  # mid-run parameters
+  mid = _copy(state)
+  base, base_metrics = switch["base"](jax.device_put(_copy(mid)), batch)
+  motivated, motivated_metrics = switch["motivated"](jax.device_put(_copy(mid)), batch)
+  got, metrics = joint["motivated"](jax.device_put(_copy(mid)), batch)
+  expected = jax.tree.map(lambda b, m, p: np.asarray(b) + np.asarray(m) - p,
+                          _copy(base.params), _copy(motivated.params), mid.params)
+  # The base region moves by both gradients; the extensions by the motivated one.
+  chex.assert_trees_all_close(got.params, expected, rtol=1e-5, atol=1e-6)
+  moved_base = jax.tree.map(lambda b, p: np.abs(np.asarray(b) - p).max(), _copy(base.params),
+                            mid.params)
+  assert max(jax.tree.leaves(moved_base)) > 1e-3  # a base gradient that is not negligible
+  for subnet, alone in (("base", base), ("motivated", motivated)):
+    chex.assert_trees_all_close(got.batch_stats[subnet], alone.batch_stats[subnet],
+                                rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(metrics["loss"], motivated_metrics["loss"], rtol=1e-5)
+  np.testing.assert_allclose(metrics["base_loss"], base_metrics["loss"], rtol=1e-5)
+  assert int(got.step) == int(mid.step) + 1
+  assert jax.tree.leaves(start.params)  # (the initial state was used above)
+
+
+def test_joint_policy_refuses_shared_batch_norm_statistics(batch):
+  model, optimizer = MODELS["cnn"](), optax.sgd(0.05)
+  state, _, joint = _setup(model, optimizer, batch, policy="joint", batch_norm_stats="shared")
+  with pytest.raises(ValueError, match="policy 'joint' needs batch_norm_stats='per_subnet'"):
+    joint["motivated"](state, batch)
+
+
 def test_the_schedule_is_indexed_by_the_batch_count_under_both_policies(batch):
   # A schedule that is non-zero only at position 1: a step at any other
   # position moves no parameter.
   optimizer = optax.sgd(lambda count: jnp.where(count == 1, 0.1, 0.0))
   model = MODELS["mlp"]()
-  for policy in ("switch", "both"):
+  for policy in ("switch", "both", "joint"):
     state, _, fns = _setup(model, optimizer, batch, policy=policy)
     kinds = ("motivated", "base", "motivated", "base")
     for t, kind in enumerate(kinds):
@@ -341,7 +379,7 @@ def _model_state(state):
           "opt_state": state.opt_state}
 
 
-@pytest.mark.parametrize("policy", ["switch", "both"])
+@pytest.mark.parametrize("policy", ["switch", "both", "joint"])
 @pytest.mark.parametrize("how", ["nan_image", "inf_image", "label_out_of_range"])
 def test_a_non_finite_batch_is_not_applied_by_either_step(policy, how):
   _, _, state, _, fns = _fresh("cnn", "adamw", policy=policy)

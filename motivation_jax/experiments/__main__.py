@@ -27,9 +27,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the suite's runs and report.")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Run seeds 0..seeds-1.", lower_bound=1)
-_ARMS = flags.DEFINE_list("arms", "base_alone,motivated,large_alone,random_rate,random_times",
-                          "Arms to run and report (the random arms also need 'motivated', "
-                          "which then runs too).")
+_ARMS = flags.DEFINE_list("arms", ",".join(suite.ARMS),
+                          "Arms to run and report (the random arms and large_matched also "
+                          "need 'motivated', which then runs too).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

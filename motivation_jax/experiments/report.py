@@ -30,7 +30,8 @@ from motivation_jax.experiments.suite import ARMS
 MODELS = ("base", "motivated")
 SIGNAL_WINDOW = 10  # base batches averaged on each side of a fired batch
 SIGNAL_SPAN = 50  # matched batches are drawn within this many batches of it
-COLORS = dict(zip(ARMS, ("tab:gray", "tab:red", "tab:blue", "tab:orange", "tab:green")))
+COLORS = dict(zip(ARMS, ("tab:gray", "tab:red", "tab:blue", "tab:orange", "tab:green",
+                         "tab:purple", "tab:brown")))
 
 
 def _by_arm(records: Sequence[Mapping]) -> dict[str, dict[int, Mapping]]:
@@ -71,13 +72,21 @@ def _scores(runs: Mapping[int, Mapping], model: str, metric: Metric) -> dict[int
   return {s: metric.of(r["summary"], model) for s, r in runs.items()}
 
 
+def _trained_in(summary: Mapping, model: str) -> bool:
+  if model == "motivated":
+    return summary["motivated_steps"] > 0
+  # Under "both" and "joint" every motivated batch trains the base too.
+  return summary["base_steps"] > 0 or (
+      summary.get("policy") in ("both", "joint") and summary["motivated_steps"] > 0)
+
+
 def _trained(runs: Mapping[int, Mapping], model: str) -> bool:
   """Whether the arm trained ``model`` as a model of its own: not the motivated
   model of base_alone (never trained: its initial weights), nor the base of
-  large_alone (trained only as part of the large network, never on its own
-  output; a base view of it scores near chance). Neither is plotted."""
-  key = "base_steps" if model == "base" else "motivated_steps"
-  return any(r["summary"][key] for r in runs.values())
+  large_alone or large_matched (trained only as part of the large network,
+  never on its own output; a base view of it scores near chance). Neither is
+  plotted. joint trains both on every batch."""
+  return any(_trained_in(r["summary"], model) for r in runs.values())
 
 
 def _mean(runs: Mapping[int, Mapping], fn) -> float:
@@ -86,12 +95,16 @@ def _mean(runs: Mapping[int, Mapping], fn) -> float:
 
 def _comparisons() -> list[tuple[str, str, tuple[str, ...]]]:
   """(arm, reference, models) of every paired comparison the report makes."""
-  # Not large_alone: its base never trains on its own.
-  out = [(a, "base_alone", ("base",)) for a in ARMS if a not in ("base_alone", "large_alone")]
+  # Not large_alone nor large_matched: their base never trains on its own.
+  out = [(a, "base_alone", ("base",)) for a in ARMS
+         if a not in ("base_alone", "large_alone", "large_matched")]
   # Not base_alone: its motivated model never trains.
   out += [(a, "large_alone", ("motivated",)) for a in ARMS
           if a not in ("large_alone", "base_alone")]
   out += [("motivated", r, MODELS) for r in ("random_times", "random_rate")]
+  # The two baselines a user would choose instead: the same compute on the
+  # large model alone, and MatFormer's joint training of both.
+  out += [("motivated", "large_matched", ("motivated",)), ("motivated", "joint", MODELS)]
   return out
 
 
@@ -116,6 +129,7 @@ def build_report(records: Sequence[Mapping], meta: Mapping[str, Any], *,
       "scores": {a: {m: stats.mean_ci(list(_scores(runs[a], m, metric).values()), confidence)
                      for m in MODELS} for a in arms},
       "paired": {}, "not_measured": [],
+      "trained": {a: [m for m in MODELS if _trained(runs[a], m)] for a in arms},
   }
   # paired["motivated - base_alone"]["base"]: the base model's score, same seed.
   for arm, ref, models in _comparisons():
@@ -142,6 +156,10 @@ def build_report(records: Sequence[Mapping], meta: Mapping[str, Any], *,
         "activations": _mean(runs[a], lambda s: s["activations"]),
         # A resumed run's wall time is that of its last process only.
         "resumed_runs": sum(bool(r["summary"].get("resumed_from_step")) for r in runs[a].values()),
+        "batches": _mean(runs[a], lambda s: s["base_steps"] + s["motivated_steps"]),
+        # What a motivated batch trained (steps.make_train_steps' policy).
+        "policy": "/".join(sorted({r["summary"].get("policy", "switch")
+                                   for r in runs[a].values()})),
     }
 
   report["compilation"] = _compilation(records)
@@ -225,6 +243,32 @@ def _claims(report: Mapping) -> list[dict]:
               d, d["verdict"], {a: acc[a][model]["mean"] for a in ("motivated", "random_times")})
     return make
 
+  def as_good_as_matched():
+    d = paired["motivated - large_matched"]["motivated"]
+    plain = {"helped": "better", "hurt": "worse"}.get(d["verdict"], d["verdict"])
+    c, m = cost["large_matched"], cost["motivated"]
+    return (f"With the same training FLOPs the motivated model's {name} differs from the "
+            f"large model trained alone (on {c['batches']:.0f} batches, "
+            f"{c['training_flops'] / m['training_flops']:.1%} of the motivated arm's FLOPs) "
+            f"by {fmt_diff(d)} ({_seeds(d)}): {plain}.",
+            d, d["verdict"], {"motivated": acc["motivated"]["motivated"]["mean"],
+                              "large_matched": acc["large_matched"]["motivated"]["mean"],
+                              "large_matched_batches": c["batches"]})
+
+  def against_joint(model):
+    def make():
+      d = paired["motivated - joint"][model]
+      plain = {"helped": "better", "hurt": "worse"}.get(d["verdict"], d["verdict"])
+      ratio = cost["motivated"]["training_flops"] / cost["joint"]["training_flops"]
+      return (f"The {model} model's {name} with motivation differs from the same model "
+              f"trained jointly (both sub-networks on every batch, one update of the summed "
+              f"losses) by {fmt_diff(d)} ({_seeds(d)}): {plain}; the motivated arm took "
+              f"{ratio:.1%} of the joint arm's training FLOPs.",
+              d, d["verdict"], {"motivated": acc["motivated"][model]["mean"],
+                                "joint": acc["joint"][model]["mean"],
+                                "flops_ratio_to_joint": ratio})
+    return make
+
   def signal_claim():
     s = signal["arms"]["motivated"]
     if s["n"] == 0:
@@ -245,6 +289,15 @@ def _claims(report: Mapping) -> list[dict]:
       _claim("motivated_as_good_as_large",
              "Is the motivated model as good as the large model trained alone, and at what cost?",
              ("motivated", "large_alone"), report, as_good_as_large),
+      _claim("motivated_as_good_as_large_matched",
+             "With the same compute, would the large model alone be better?",
+             ("motivated", "large_matched"), report, as_good_as_matched),
+      _claim("base_against_joint",
+             "Is the base model better with motivation than trained jointly (MatFormer)?",
+             ("motivated", "joint"), report, against_joint("base")),
+      _claim("motivated_against_joint",
+             "Is the motivated model better with motivation than trained jointly (MatFormer)?",
+             ("motivated", "joint"), report, against_joint("motivated")),
       _claim("when_matters_base", "Does it matter when the motivated model trains (base model)?",
              ("motivated", "random_times"), report, when("base")),
       _claim("when_matters_motivated",
@@ -415,9 +468,9 @@ def _markdown(report: Mapping, plots: Sequence[tuple[str, str]]) -> str:
             f"{better} is better)", "",
             "| arm | seeds | base model | motivated model |", "|---|---|---|---|"]
   for a, acc in report["scores"].items():
-    c = report["cost"][a]
-    motivated = fmt_acc(acc["motivated"]) if c["motivated_fraction"] > 0 else "never trained"
-    base = (fmt_acc(acc["base"]) if c["motivated_fraction"] < 1
+    trained = report["trained"][a]
+    motivated = fmt_acc(acc["motivated"]) if "motivated" in trained else "never trained"
+    base = (fmt_acc(acc["base"]) if "base" in trained
             else f"({fmt_acc(acc['base'])}: never trained on its own)")
     lines.append(f"| {a} | {acc['base']['n']} | {base} | {motivated} |")
 
@@ -431,15 +484,20 @@ def _markdown(report: Mapping, plots: Sequence[tuple[str, str]]) -> str:
     lines += ["", "Not measured:"] + [f"- {n}" for n in report["not_measured"]]
 
   lines += ["", "## Cost (mean over seeds)", "",
-            "| arm | training FLOPs | / large_alone | wall time (s) | motivated fraction "
-            "| activations |", "|---|---|---|---|---|---|"]
+            "| arm | policy | batches | training FLOPs | / large_alone | wall time (s) "
+            "| motivated fraction | activations |", "|---|---|---|---|---|---|---|---|"]
   for a, c in report["cost"].items():
     ratio = c["flops_ratio_to_large_alone"]
     ratio = "" if ratio is None else f"{ratio:.1%}"
-    lines.append(f"| {a} | {fmt_flops(c['training_flops'])} | {ratio} | {c['wall_time_s']:.1f} "
-                 f"| {c['motivated_fraction']:.3f} | {c['activations']:.1f} |")
+    lines.append(f"| {a} | {c['policy']} | {c['batches']:.0f} "
+                 f"| {fmt_flops(c['training_flops'])} | {ratio} "
+                 f"| {c['wall_time_s']:.1f} | {c['motivated_fraction']:.3f} "
+                 f"| {c['activations']:.1f} |")
   if "large_alone" not in report["cost"]:
     lines.append("\nThe ratio to the large model's FLOPs needs the large_alone arm.")
+  lines.append("\nPolicy: what a motivated batch trained. `switch`: the motivated model; "
+               "`both`: a base update, then a motivated update; `joint` (MatFormer's recipe): "
+               "both sub-networks, one update of their summed losses.")
   resumed = sum(c["resumed_runs"] for c in report["cost"].values())
   if resumed:
     lines.append(f"\n{resumed} run(s) were resumed: their wall time is that of the last "

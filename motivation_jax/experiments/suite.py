@@ -10,11 +10,24 @@
 |                | firing rate (Experiment A)         | rate?                                    |
 | ``random_times`` | ``replay`` of as many activations as | the same count, at other (uniformly      |
 |                | the motivated arm had (Exp. B)     | drawn) batches                           |
+| ``large_matched``| ``always``, policy ``switch``, for as  | with the same compute, would the large   |
+|                | many batches as the motivated arm's| model alone be better?                   |
+|                | FLOPs buy (``train_steps``)          |                                          |
+| ``joint``        | ``always``, policy ``joint``           | is motivation better than the standard   |
+|                | (MatFormer: both on every batch,   | way of training nested models?           |
+|                | one update of the summed losses)   |                                          |
 
 Everything else (data, model, optimizer, schedule, seed) is the config's, so
 two arms of one seed differ only in which batches train the motivated model:
 the batches, the initial weights and the augmentation are the same (each is a
 function of the seed and the batch index).
+
+``large_matched`` is derived from the ``motivated`` run of the same seed too:
+it trains the large model alone for N = round(F / f) batches, F the motivated
+run's training FLOPs (base and motivated steps), f the large model's FLOPs per
+step, so that its FLOPs are within half a step of F; its learning-rate
+schedule keeps its shape, compressed to N batches (``train_steps`` for image
+runs; ``num_train_steps`` and a scaled ``warmup_steps`` for language models).
 
 The random arms are derived from the ``motivated`` run of the same seed:
 ``random_rate`` fires with p = activations / batches where the condition was
@@ -47,9 +60,21 @@ import numpy as np
 from motivation_jax import config_lib, files, lease, train
 from motivation_jax.errors import ConfigError
 
-ARMS = ("base_alone", "motivated", "large_alone", "random_rate", "random_times")
+ARMS = ("base_alone", "motivated", "large_alone", "random_rate", "random_times",
+        "large_matched", "joint")
 # Arms whose config is derived from another arm's run of the same seed.
-DERIVED_FROM = {"random_rate": "motivated", "random_times": "motivated"}
+DERIVED_FROM = {"random_rate": "motivated", "random_times": "motivated",
+                "large_matched": "motivated"}
+
+
+def matched_steps(summary: dict) -> int:
+  """Batches of the large model alone whose FLOPs are nearest a run's total
+  (``summary.json``'s ``training_flops``): round(F / f), at least 1."""
+  flops = summary["flops_per_step"]
+  # Under "both" and "joint" the motivated step also trains the base.
+  large = flops["motivated"] - (flops["base"] if summary.get("policy") in ("both", "joint")
+                                else 0.0)
+  return max(1, int(round(summary["training_flops"] / large)))
 
 
 def check_arms(arms: Iterable[str]) -> tuple[str, ...]:
@@ -76,12 +101,24 @@ def arm_config(config: ml_collections.ConfigDict, arm: str, seed: int,
   m = config.motivation
   if arm == "base_alone":
     m.condition, m.max_fraction = "never", None
-  elif arm == "large_alone":
-    m.condition, m.policy, m.max_fraction = "always", "switch", None
+  elif arm in ("large_alone", "joint"):
+    m.condition, m.max_fraction = "always", None
+    m.policy = "joint" if arm == "joint" else "switch"
     m.warmup_steps = m.cooldown_steps = 0
   elif arm in DERIVED_FROM:
     if source is None:
       raise ValueError(f"arm {arm!r} needs the {DERIVED_FROM[arm]!r} run of seed {seed}")
+    if arm == "large_matched":
+      m.condition, m.policy, m.max_fraction = "always", "switch", None
+      m.warmup_steps = m.cooldown_steps = 0
+      steps = matched_steps(source["summary"])
+      if config.get("task") == "causal_lm":
+        if config.get("warmup_steps") is not None:
+          config.warmup_steps = int(round(config.warmup_steps * steps / config.num_train_steps))
+        config.num_train_steps = steps
+      else:
+        config.train_steps = steps
+      return config
     decisions = source["decisions"]
     activations = source["summary"]["activations"]
     if arm == "random_rate":
