@@ -89,7 +89,7 @@ def assert_clean_end(result: subprocess.CompletedProcess, what) -> None:
     assert errors == [], (what, err[-3000:])
 
 
-@settings(max_examples=EXAMPLES or 6, deadline=None, database=None,
+@settings(max_examples=EXAMPLES or 4, deadline=None, database=None,
           derandomize=EXAMPLES is None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.sampled_from(sorted(VALUES)), min_size=1, max_size=3, unique=True)
@@ -171,7 +171,7 @@ DAMAGE = ["flip_bytes", "truncate", "remove_file", "remove_item", "unfinished_sa
           "garbage_in_logs", "log_is_a_folder", "checkpoints_is_a_file"]
 
 
-@settings(max_examples=EXAMPLES or 4, deadline=None, database=None,
+@settings(max_examples=EXAMPLES or 2, deadline=None, database=None,
           derandomize=EXAMPLES is None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 # A draw that once broke this test itself (garbage written into a log made a folder).
