@@ -37,8 +37,8 @@ import optax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.run import (describe_machine, load_config, median, peak_flops,  # noqa: E402
-                            rotated, step_memory_bytes)
+from benchmarks.run import (describe_machine, interleaved_times, load_config,  # noqa: E402
+                            median, peak_flops, step_memory_bytes)
 from motivation_jax import models, nesting, steps, tasks  # noqa: E402
 from motivation_jax.errors import ConfigError  # noqa: E402
 from motivation_jax.models import transformer  # noqa: E402
@@ -124,19 +124,9 @@ def measure(config, *, trials: int = 9, step_seconds: float = 0.5) -> dict[str, 
                  "nested_memory_bytes": step_memory_bytes(compiled),
                  "standalone_memory_bytes": step_memory_bytes(alone)}
 
-  repeats = {}
-  for name, go in runners.items():  # warm-up, and steps per timed block
-    go(1)
-    start = time.perf_counter()
-    go(2)
-    per_step = (time.perf_counter() - start) / 2
-    repeats[name] = max(2, int(step_seconds / per_step)) if step_seconds else 1
-  times: dict[str, list[float]] = {name: [] for name in runners}
-  for trial in range(trials):
-    for name in rotated(list(runners), trial):
-      start = time.perf_counter()
-      runners[name](repeats[name])
-      times[name].append((time.perf_counter() - start) / repeats[name])
+  # Steps of 30-400 ms here: a shorter warm-up and probe than the harness's.
+  times, repeats = interleaved_times(runners, trials, step_seconds, warmup=1, probe=2,
+                                     least=2)
   for kind in KINDS:
     n, a = times[f"nested {kind}"], times[f"standalone {kind}"]
     r = out[kind]

@@ -283,6 +283,31 @@ def median(values) -> float:
   return float(statistics.median(values))
 
 
+def interleaved_times(runners: dict[str, Callable[[int], None]], trials: int,
+                      step_seconds: float, *, warmup: int = 2, probe: int = 5,
+                      least: int = 3) -> tuple[dict[str, list[float]], dict[str, int]]:
+  """Seconds per step of each ``runners[name](k)`` (which runs k steps and waits
+  for them), one figure per trial; each trial runs every variant once, in an
+  order that changes from trial to trial (``rotated``). Before the trials, each
+  runs ``warmup`` steps, then ``probe`` timed ones that set how many steps a
+  timed block takes: about ``step_seconds``, at least ``least`` (1 when
+  ``step_seconds`` is 0). Returns the times and the steps per block."""
+  repeats = {}
+  for name, go in runners.items():
+    go(warmup)
+    start = time.perf_counter()
+    go(probe)
+    per_step = (time.perf_counter() - start) / probe
+    repeats[name] = max(least, int(step_seconds / per_step)) if step_seconds else 1
+  times: dict[str, list[float]] = {name: [] for name in runners}
+  for trial in range(trials):
+    for name in rotated(list(runners), trial):
+      start = time.perf_counter()
+      runners[name](repeats[name])
+      times[name].append((time.perf_counter() - start) / repeats[name])
+  return times, repeats
+
+
 # --- 1 and 3: loop overhead and host blocking ---------------------------------------------
 
 @contextlib.contextmanager
@@ -628,19 +653,7 @@ def measure_steps(run: train.Run, state0, mode: Mode) -> dict[str, Any]:
   runners["nested base, constant lr"] = nested_constant_runner
   runners["standalone base, constant lr"] = standalone_constant_runner
 
-  repeats = {}
-  for name, go in runners.items():  # warm-up, and steps per timed block
-    go(2)
-    start = time.perf_counter()
-    go(5)
-    per_step = (time.perf_counter() - start) / 5
-    repeats[name] = max(3, int(mode.step_seconds / per_step)) if mode.step_seconds else 1
-  times: dict[str, list[float]] = {name: [] for name in runners}
-  for trial in range(mode.trials):
-    for name in rotated(list(runners), trial):
-      start = time.perf_counter()
-      runners[name](repeats[name])
-      times[name].append((time.perf_counter() - start) / repeats[name])
+  times, _ = interleaved_times(runners, mode.trials, mode.step_seconds)
   out = {"trials": mode.trials}
   for kind in ("base", "motivated"):
     nested, alone = times[f"nested {kind}"], times[f"standalone {kind}"]

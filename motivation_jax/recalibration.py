@@ -119,7 +119,8 @@ def make_recalibrate(model, wmap: nesting.WeightsMap, *,
 
   def recalibrate(state, batches: Iterable, subnets: Iterable[str] = SUBNETS
                   ) -> dict[str, PyTree] | None:
-    subnets = tuple(s for s in SUBNETS if s in tuple(subnets))  # in order, each once
+    wanted = set(subnets)
+    subnets = tuple(s for s in SUBNETS if s in wanted)  # in order, each once
     if getattr(state, "order", "logical") != "logical":
       raise ValueError(f"recalibration reads a state in logical order, got one in "
                        f"{state.order} order; convert it with steps.make_order_converters")

@@ -362,6 +362,18 @@ def keep_finite_update(finite: jax.Array, new: tuple[PyTree, PyTree, PyTree],
   return params, keep_if(finite, new_stats, stats), keep_if(late, new_opt, opt_state)
 
 
+def _storage_to_logical(state: TrainState, state_sharding: TrainState | None,
+                        wmap: nesting.WeightsMap | None) -> Callable | None:
+  """For a step over the whole state: the function that puts gathered
+  parameters of a state in storage order into logical order (checking that
+  ``state`` is in storage order), or None where the layout interleaves nothing."""
+  if stored_order(state_sharding, wmap) != "storage":
+    return None
+  _check_order(state, "storage")
+  return functools.partial(nesting.to_logical, regions=wmap.params,
+                           shardings=state_sharding.params)
+
+
 def motivated_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_fn,
                          wmap: nesting.WeightsMap | None = None,
                          state_sharding: TrainState | None = None, seed: int = 0,
@@ -370,11 +382,7 @@ def motivated_train_step(state: TrainState, batch: Batch, *, model, optimizer, l
   """One step of the motivated model on the whole state; ``state_sharding`` (and
   ``wmap``, when it interleaves a leaf): as for ``base_train_step``; ``seed``:
   as for ``make_train_steps``."""
-  to_logical = None
-  if stored_order(state_sharding, wmap) == "storage":
-    _check_order(state, "storage")
-    to_logical = functools.partial(nesting.to_logical, regions=wmap.params,
-                                   shardings=state_sharding.params)
+  to_logical = _storage_to_logical(state, state_sharding, wmap)
   params, batch_stats, opt_state, metrics = _update(
       model, optimizer, loss_fn, "motivated", state.params, state.subnet_stats("motivated"),
       state.opt_state, batch, _compute_sharding(state_sharding), to_logical,
@@ -495,15 +503,11 @@ def joint_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_
   the base's parameters take one step, of the gradient of both losses.
 
   Each sub-network normalises with, and updates, its own batch-norm
-  statistics (``batch_norm_stats="per_subnet"``; ``make_train_steps`` refuses
-  "shared"). Dropout keys: each sub-network's own (``batch_rngs``). Metrics:
+  statistics (``batch_norm_stats="per_subnet"``; a state with shared
+  statistics is refused when the step is traced). Dropout keys: each sub-network's own (``batch_rngs``). Metrics:
   ``loss`` and ``accuracy`` are the motivated model's (the controller's signal,
   as under ``both``), ``base_loss`` and ``base_accuracy`` the base's."""
-  to_logical = None
-  if stored_order(state_sharding, wmap) == "storage":
-    _check_order(state, "storage")
-    to_logical = functools.partial(nesting.to_logical, regions=wmap.params,
-                                   shardings=state_sharding.params)
+  to_logical = _storage_to_logical(state, state_sharding, wmap)
   compute_sharding = _compute_sharding(state_sharding)
   inputs = task.inputs(batch)
 
