@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import sys
@@ -134,6 +135,18 @@ def _placed(abstract: Any) -> Any:
                       jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
 
 
+class _OrbaxTaskRecords(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" records of tasks
+  whose coroutine is Orbax's (see ``_drop_closed_loop_callbacks``)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    lines = str(record.msg).split("\n", 2)
+    orbax_task = (lines[0] == "Task exception was never retrieved" and len(lines) > 1
+                  and lines[1].startswith("future: <Task")
+                  and f"{os.sep}orbax{os.sep}" in lines[1])
+    return not orbax_task
+
+
 def _drop_closed_loop_callbacks() -> None:
   """Keeps the reads of a damaged checkpoint from printing tracebacks.
 
@@ -144,10 +157,17 @@ def _drop_closed_loop_callbacks() -> None:
   says what is wrong; and each read coroutine it abandoned raises its own
   error when it is collected (``Exception ignored in: <coroutine object
   _read_array_index_and_device_put ...>``: 4,764 lines after one resume from
-  a checkpoint with truncated array files). Those, and only unraisable
-  exceptions raised in Orbax's code, are dropped: the error they repeat has
-  been reported already.
+  a checkpoint with truncated array files). When more than one read fails,
+  each failed read task that nobody awaits any more is logged by asyncio when
+  it is collected (``Task exception was never retrieved``, with its traceback
+  and the spec's repr: 228 lines after the warning, in one resume out of a
+  dozen). Those, and only unraisable exceptions raised in Orbax's code and
+  asyncio's records of Orbax's own tasks, are dropped: the error they repeat
+  has been reported already.
   """
+  asyncio_logger = logging.getLogger("asyncio")
+  if not any(isinstance(f, _OrbaxTaskRecords) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_OrbaxTaskRecords())
   previous = sys.unraisablehook
   if getattr(previous, "_drops_closed_loop_callbacks", False):
     return

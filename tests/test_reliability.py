@@ -9,7 +9,10 @@ Signals need their own process: ``reliability_worker.py`` runs the same
 config through the command line's error path.
 """
 
+import asyncio
+import gc
 import json
+import logging
 import os
 import random
 import re
@@ -255,6 +258,33 @@ def test_a_resume_past_unreadable_arrays_prints_one_warning_line(straight, tmp_p
   assert "TensorStore details" not in lines[0]  # cut before the spec's repr
   assert json.load(open(workdir / "summary.json"))["resumed_from_step"] == 22
   assert_same_run(workdir, straight)
+
+
+def _unretrieved_task_failure(filename: str) -> None:
+  """Lets a task whose coroutine was compiled from ``filename`` fail, unawaited,
+  and be collected: asyncio then logs "Task exception was never retrieved"."""
+  namespace = {}
+  exec(compile("async def read():\n  raise ValueError('OUT_OF_RANGE')\n", filename, "exec"),
+       namespace)
+  loop = asyncio.new_event_loop()
+  task = loop.create_task(namespace["read"]())
+  loop.run_until_complete(asyncio.sleep(0))  # the task runs and fails; nobody awaits it
+  loop.close()
+  del task
+  gc.collect()
+
+
+def test_asyncio_records_of_abandoned_orbax_reads_are_dropped_and_no_others(caplog):
+  """When several arrays of a checkpoint cannot be read, the reads Orbax gave up
+  on are logged by asyncio when collected (153 and 228 lines after the warning,
+  in 2 of 12 resumes on a 2-core machine; once in CI)."""
+  checkpoint._drop_closed_loop_callbacks()
+  with caplog.at_level(logging.ERROR, logger="asyncio"):
+    _unretrieved_task_failure(os.path.join(os.sep, "site-packages", "orbax", "serialization.py"))
+    assert caplog.records == []
+    _unretrieved_task_failure(os.path.join(os.sep, "site-packages", "user_code", "reads.py"))
+    assert [r.getMessage().splitlines()[0] for r in caplog.records] == [
+        "Task exception was never retrieved"]
 
 
 def test_a_damaged_checkpoint_asked_for_by_step_is_refused_in_one_line(straight, tmp_path):
