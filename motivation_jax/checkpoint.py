@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from motivation_jax import files
+from motivation_jax import files, steps
 from motivation_jax.errors import CheckpointError
 
 ITEMS = ("state", "controller", "data_position", "config", "dataset", "eval_stats",
@@ -85,6 +85,11 @@ def _leaf_sums(x: jax.Array) -> jax.Array:
 
 
 _tree_sums = jax.jit(lambda tree: jax.tree.map(_leaf_sums, tree))
+# A save's checksums and its check that the state is finite, in one program (two
+# programs compiled for every state structure: 0.8 s more of an ImageNet-stem
+# ResNet-18/34 smoke run's 18 s of compiles on a 2-core CPU).
+_tree_sums_and_finite = jax.jit(
+    lambda tree, check: (jax.tree.map(_leaf_sums, tree), steps.all_finite(check)))
 
 
 def _path_name(path) -> str:
@@ -101,13 +106,24 @@ def array_checksums(tree) -> dict[str, list[int]]:
           for path, leaf in jax.tree_util.tree_leaves_with_path(sums)}
 
 
-def array_checksums_of(trees: dict) -> dict[str, dict[str, list[int]]]:
+def array_checksums_of(trees: dict, finite_of=None):
   """``{name: array_checksums(tree)}`` for ``trees = {name: tree}``, in one
-  program (one call per tree would compile one per tree)."""
-  sums = jax.device_get(_tree_sums(trees))
-  return {name: {_path_name(path): [int(v) for v in np.asarray(leaf)]
-                 for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-          for name, tree in sums.items()}
+  program (one call per tree would compile one per tree). With ``finite_of``
+  (a pytree), ``(checksums, finite)``: also whether every element of it is
+  finite, from the same program."""
+  if finite_of is None:
+    sums = jax.device_get(_tree_sums(trees))
+  else:
+    sums, finite = jax.device_get(_tree_sums_and_finite(trees, finite_of))
+  checksums = {name: {_path_name(path): [int(v) for v in np.asarray(leaf)]
+                      for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+               for name, tree in sums.items()}
+  return checksums if finite_of is None else (checksums, bool(finite))
+
+
+def saved_arrays(state, eval_stats=None) -> dict:
+  """The array items of a checkpoint, by name, as their checksums name them."""
+  return {"state": state, **({} if eval_stats is None else {"eval_stats": eval_stats})}
 
 
 def json_checksum(value) -> str:
@@ -213,13 +229,16 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, *, state, controller_state: dict, data_position: dict,
-           config: dict, dataset: dict, eval_stats=None, log_interval: dict | None = None
-           ) -> None:
+           config: dict, dataset: dict, eval_stats=None, log_interval: dict | None = None,
+           array_checksums: dict | None = None) -> None:
     """Starts writing checkpoint ``step`` (Orbax finishes it in the background;
     ``committed_step`` waits for it). ``log_interval`` is the training metrics
-    since the last log line, so a resumed run logs the same means."""
-    arrays = {"state": state, **({} if eval_stats is None else {"eval_stats": eval_stats})}
-    checksum = {**array_checksums_of(arrays),
+    since the last log line, so a resumed run logs the same means.
+    ``array_checksums``: ``array_checksums_of(saved_arrays(state, eval_stats))``
+    where the caller computed it already."""
+    if array_checksums is None:
+      array_checksums = array_checksums_of(saved_arrays(state, eval_stats))
+    checksum = {**array_checksums,
                 "controller": json_checksum(controller_state),
                 "data_position": json_checksum(data_position)}
     items = dict(state=ocp.args.StandardSave(state),

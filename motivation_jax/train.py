@@ -772,9 +772,6 @@ def worse_than_guessing(run: Run, metrics: dict[str, float]) -> list[str]:
   return out
 
 
-_state_is_finite = jax.jit(steps.all_finite)
-
-
 def _check_logical(state: steps.TrainState, reader: str) -> None:
   if getattr(state, "order", "logical") != "logical":
     raise ValueError(f"{reader} reads a state in logical order, got one in {state.order} "
@@ -801,7 +798,11 @@ def save(run: Run, state: steps.TrainState, pending: PendingMetrics, step: int) 
   if run.lease is not None:
     run.lease.check()  # another run took the workdir over: write nothing more
   state = run.order["logical"](state)
-  if not bool(_state_is_finite((state.params, state.batch_stats, state.opt_state))):
+  eval_stats = run.eval_stats(state)
+  checksums, finite = checkpoint.array_checksums_of(
+      checkpoint.saved_arrays(state, eval_stats),
+      finite_of=(state.params, state.batch_stats, state.opt_state))
+  if not finite:
     last = run.ckpt.committed_step()
     kept = (f"the checkpoint of batch {last} in {run.ckpt.directory} is intact"
             if last is not None else "no checkpoint had been written yet")
@@ -820,7 +821,8 @@ def save(run: Run, state: steps.TrainState, pending: PendingMetrics, step: int) 
   run.ckpt.save(step, state=state, controller_state=run.controller.state_dict(),
                 data_position=run.train_data.position(step),
                 config=json.loads(run.config.to_json()), dataset=run.dataset.description(),
-                eval_stats=run.eval_stats(state), log_interval=pending.interval())
+                eval_stats=eval_stats, log_interval=pending.interval(),
+                array_checksums=checksums)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -104,7 +104,7 @@ def test_a_second_run_in_a_fresh_process_compiles_nothing(own_cache, tmp_path):
   assert programs == {
       "jit(base_train_step)": 1, "jit(motivated_train_step)": 1,
       "jit(create_train_state)": 1, "jit(eval_step)": 2,  # one per sub-network
-      "jit(all_finite)": 1, "jit(<lambda>)": 1}, programs  # the checkpoint's checks
+      "jit(<lambda>)": 1}, programs  # a save's checksums and finite check, in one
   status, out, err = run_launcher(
       [sys.executable, "-m", "motivation_jax.main",
        f"--config={os.path.join(ROOT, 'configs', 'default.py')}",
