@@ -459,23 +459,27 @@ def _random_variables(model: Paired, sample):
   full = jax.jit(lambda x: model.init_module(model.motivated, jax.random.key(1), x),
                  compiler_options=_check_compiler())(sample)
   rng = np.random.default_rng(0)
-  if full.get("batch_stats"):
+  if full.get("batch_stats"):  # in numpy: an eager op would compile a program per shape
     full["batch_stats"] = jax.tree.map(
-        lambda x: x + jnp.asarray(0.2 * rng.uniform(size=x.shape), x.dtype), full["batch_stats"])
+        lambda x: (np.asarray(x) + 0.2 * rng.uniform(size=x.shape)).astype(x.dtype),
+        full["batch_stats"])
   return full
 
 
 def _zero_outside(variables, regions):
+  """``variables`` with every entry outside the base's leading slices set to
+  zero, on the host (eager slicing and scatters compiled a program per leaf:
+  6 s of GPT-2 small's 11 s check on a 2-core CPU)."""
   out = {}
   for col, leaves in _flat(variables).items():
     shapes = regions.get(col, {})
     zeroed = {}
     for path, x in leaves.items():
-      if path not in shapes:
-        zeroed[path] = jnp.zeros_like(x)
-      else:
+      x = np.asarray(x)
+      zeroed[path] = np.zeros_like(x)
+      if path in shapes:
         index = tuple(slice(0, d) for d in shapes[path])
-        zeroed[path] = jnp.zeros_like(x).at[index].set(x[index])
+        zeroed[path][index] = x[index]
     out[col] = flax.traverse_util.unflatten_dict(zeroed) if zeroed else {}
   return out
 
@@ -493,7 +497,7 @@ def _gap(model: Paired, full, sample, motivated_variables) -> tuple[float, str |
     return float("inf"), (f"the outputs have shapes {[x.shape for x in small]} and "
                           f"{[x.shape for x in large]}")
   gap = max((_differs(a, b) for a, b in zip(small, large)), default=0.0)
-  scale = max((float(jnp.max(jnp.abs(a))) for a in small if a.size), default=0.0)
+  scale = max((float(np.max(np.abs(np.asarray(a)))) for a in small if a.size), default=0.0)
   if gap <= GAP_TOLERANCE * (1.0 + scale):
     return gap, None
   return gap, _diagnose(model, full, sample, motivated_variables)
