@@ -28,6 +28,9 @@ def _benchmark(name: str = "run"):
   return importlib.import_module(f"benchmarks.{name}")
 
 
+# Slow (16-21 s): the whole harness on small models; the fast run keeps its
+# accelerator part's test below and test_compilation.py's compile counts.
+@pytest.mark.slow
 def test_the_harness_counts_one_compile_per_kind_and_writes_its_files(tmp_path):
   out = str(tmp_path / "results" / "harness")
   results = _benchmark().main(["--tiny", "--out", out])

@@ -29,6 +29,9 @@ SLOW_SMOKE = ("imagenet_resnet.py", "imagenet_vit.py", "cifar100_efficientnet.py
 # check on a 2-core CPU: tests/test_lm_run.py trains the LM path on a corpus
 # of its own in the default run.
 SLOW_SMOKE += ("lm_shakespeare.py", "lm_bible.py", "lm_gpt2_small.py")
+# CIFAR-10's ViT (10 s from a cold cache): test_vit.py and test_steps.py take the
+# ViT's code on small models, and imagenet_vit.py's smoke run in the full run.
+SLOW_SMOKE += ("cifar10_vit.py",)
 SLOW_BUILD = ("lm_gpt2_small.py",)
 SMOKE_CONFIGS = [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_SMOKE else c
                  for c in FAMILY_CONFIGS]

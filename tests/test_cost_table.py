@@ -36,7 +36,10 @@ def test_every_pair_of_the_script_is_in_the_doc_with_its_parameter_counts():
     assert 0 < base_flops < motivated_flops
 
 
-@pytest.mark.parametrize("family", ["resnet", "efficientnet", "vit"])
+# EfficientNet in the full run only (7 s; its steps are in test_steps.py and
+# test_step_costs.py in the fast run too).
+@pytest.mark.parametrize("family", ["resnet", pytest.param("efficientnet", marks=pytest.mark.slow),
+                                    "vit"])
 def test_the_script_measures_a_small_pair_of_every_family(family):
   base, motivated, options = {
       "resnet": ({"arch": "resnet20", "width": 0.25}, {"arch": "resnet32", "width": 0.25}, {}),

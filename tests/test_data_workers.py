@@ -42,6 +42,9 @@ def _same(got: list[dict], want: list[dict]) -> None:
       assert g[key].dtype == w[key].dtype and g[key].tobytes() == w[key].tobytes(), key
 
 
+# Slow (9 s): the fast run has workers against threads on ImageNet's JPEGs and
+# uint8 batches below; this one adds a resume.
+@pytest.mark.slow
 def test_workers_give_the_threads_batches_and_the_same_after_a_resume():
   dataset = _toy_cifar()
   batches = data.TrainBatches(dataset, 16, seed=3)  # 6 batches per epoch

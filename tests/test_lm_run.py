@@ -147,6 +147,9 @@ def test_another_tokenizer_on_resume_is_refused(run, tmp_path):
     train.train_and_evaluate(_config(tokenizer="bpe:280"), str(copy))
 
 
+# Slow (12 s, four LM runs): the fast run has the suite on images
+# (test_experiments.py) and the report's LM metric (test_experiments_report.py).
+@pytest.mark.slow
 def test_the_experiments_suite_compares_lm_runs_in_bits_per_byte(tmp_path):
   """The experiments command's suite and report on a language model: the
   arms differ in what they train, and what is compared is each seed's

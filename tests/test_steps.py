@@ -91,11 +91,17 @@ def changed_outside_base(before, after, wmap, optimizer) -> list[str]:
 # Every model with every optimizer, and with both batch-norm modes where it has
 # batch norm (the MLP and the ViT have none, so "shared" would repeat
 # "per_subnet"). The ImageNet-stem ResNet once: it is the CIFAR one's module and
-# layers with another stem.
+# layers with another stem. The fast run takes every model once and every
+# optimizer and mode on the CNN; the other combinations (about 20 s of compiles
+# on a 2-core CPU) in the full run.
+_FAST_CASES = {(name, "adamw", "per_subnet") for name in MODELS} | {
+    ("cnn", opt, stats) for opt in OPTIMIZERS for stats in ("per_subnet", "shared")}
 STEP_CASES = [(name, opt, stats) for name in sorted(MODELS) if name != "resnet_imagenet"
               for opt in sorted(OPTIMIZERS)
               for stats in (("per_subnet", "shared") if name in ("cnn", "efficientnet")
                             else ("per_subnet",))] + [("resnet_imagenet", "adamw", "shared")]
+STEP_CASES = [case if case in _FAST_CASES or case[0] == "resnet_imagenet"
+              else pytest.param(*case, marks=pytest.mark.slow) for case in STEP_CASES]
 
 
 @functools.cache
