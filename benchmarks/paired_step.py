@@ -1,6 +1,7 @@
 r"""The paired base step against an ordinary step of the user's small module.
 
-  python -m benchmarks.paired_step [--trials=15] [--out=benchmarks/results/paired_step_cpu]
+  python -m benchmarks.paired_step [--trials=15] [--large=1024,512] \
+      [--out=benchmarks/results/paired_step_cpu]
 
 A user's Linen MLP (examples/byom_models.py: Dense, BatchNorm, dropout; widths
 (256, 128) in (1024, 512)) on digits-sized batches of 128: the compiled base
@@ -58,11 +59,13 @@ def _ordinary_step(module, optimizer):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def measure(trials: int = 15, steps_per_trial: int = 200, batch_size: int = 128) -> dict:
+def measure(trials: int = 15, steps_per_trial: int = 200, batch_size: int = 128,
+            large_widths: tuple[int, ...] = (1024, 512)) -> dict:
+  """``large_widths``: the large module's widths (the small one's are (256, 128))."""
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.normal(size=(batch_size, 8, 8, 1)), jnp.float32),
            "label": jnp.asarray(rng.integers(0, 10, size=(batch_size,)), jnp.int32)}
-  small, large = MLP((256, 128)), MLP((1024, 512))
+  small, large = MLP((256, 128)), MLP(tuple(large_widths))
   model = nesting.paired(small, large, batch["image"])
   optimizer = optax.adamw(1e-3)
   wmap = nesting.weights_map(model, batch["image"], subnet="motivated")
@@ -100,16 +103,18 @@ def measure(trials: int = 15, steps_per_trial: int = 200, batch_size: int = 128)
           "paired_step_us": 1e6 * statistics.median(times["paired"]),
           "ordinary_step_us": 1e6 * statistics.median(times["ordinary"]),
           "trials": trials, "steps_per_trial": steps_per_trial, "batch_size": batch_size,
-          "model": "examples.byom_models:MLP widths (256, 128) in (1024, 512)",
+          "model": f"examples.byom_models:MLP widths (256, 128) in {tuple(large_widths)}",
           "machine": describe_machine(), "date": time.strftime("%Y-%m-%d")}
 
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser()
   parser.add_argument("--trials", type=int, default=15)
+  parser.add_argument("--large", default="1024,512",
+                      help="the large module's widths, comma-separated")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
-  result = measure(args.trials)
+  result = measure(args.trials, large_widths=tuple(int(w) for w in args.large.split(",")))
   print(f"paired base step / ordinary small-module step: {result['ratio']:.3f} "
         f"({result['paired_step_us']:.0f} us vs {result['ordinary_step_us']:.0f} us; "
         f"target <= 1.05)")
