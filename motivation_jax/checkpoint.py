@@ -106,19 +106,23 @@ def array_checksums(tree) -> dict[str, list[int]]:
           for path, leaf in jax.tree_util.tree_leaves_with_path(sums)}
 
 
-def array_checksums_of(trees: dict, finite_of=None):
+def _named_sums(sums: dict) -> dict[str, dict[str, list[int]]]:
+  return {name: {_path_name(path): [int(v) for v in np.asarray(leaf)]
+                 for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+          for name, tree in sums.items()}
+
+
+def array_checksums_of(trees: dict) -> dict[str, dict[str, list[int]]]:
   """``{name: array_checksums(tree)}`` for ``trees = {name: tree}``, in one
-  program (one call per tree would compile one per tree). With ``finite_of``
-  (a pytree), ``(checksums, finite)``: also whether every element of it is
-  finite, from the same program."""
-  if finite_of is None:
-    sums = jax.device_get(_tree_sums(trees))
-  else:
-    sums, finite = jax.device_get(_tree_sums_and_finite(trees, finite_of))
-  checksums = {name: {_path_name(path): [int(v) for v in np.asarray(leaf)]
-                      for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-               for name, tree in sums.items()}
-  return checksums if finite_of is None else (checksums, bool(finite))
+  program (one call per tree would compile one per tree)."""
+  return _named_sums(jax.device_get(_tree_sums(trees)))
+
+
+def array_checksums_and_finite(trees: dict, finite_of) -> tuple[dict, bool]:
+  """``array_checksums_of(trees)``, and whether every element of the pytree
+  ``finite_of`` is finite, from the same program."""
+  sums, finite = jax.device_get(_tree_sums_and_finite(trees, finite_of))
+  return _named_sums(sums), bool(finite)
 
 
 def saved_arrays(state, eval_stats=None) -> dict:

@@ -504,9 +504,10 @@ def joint_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_
 
   Each sub-network normalises with, and updates, its own batch-norm
   statistics (``batch_norm_stats="per_subnet"``; a state with shared
-  statistics is refused when the step is traced). Dropout keys: each sub-network's own (``batch_rngs``). Metrics:
-  ``loss`` and ``accuracy`` are the motivated model's (the controller's signal,
-  as under ``both``), ``base_loss`` and ``base_accuracy`` the base's."""
+  statistics is refused when the step is traced). Dropout keys: each
+  sub-network's own (``batch_rngs``). Metrics: ``loss`` and ``accuracy`` are the
+  motivated model's (the controller's signal, as under ``both``),
+  ``base_loss`` and ``base_accuracy`` the base's."""
   to_logical = _storage_to_logical(state, state_sharding, wmap)
   compute_sharding = _compute_sharding(state_sharding)
   inputs = task.inputs(batch)

@@ -799,7 +799,7 @@ def save(run: Run, state: steps.TrainState, pending: PendingMetrics, step: int) 
     run.lease.check()  # another run took the workdir over: write nothing more
   state = run.order["logical"](state)
   eval_stats = run.eval_stats(state)
-  checksums, finite = checkpoint.array_checksums_of(
+  checksums, finite = checkpoint.array_checksums_and_finite(
       checkpoint.saved_arrays(state, eval_stats),
       finite_of=(state.params, state.batch_stats, state.opt_state))
   if not finite:
