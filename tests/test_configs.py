@@ -33,9 +33,9 @@ SLOW_SMOKE += ("lm_shakespeare.py", "lm_bible.py", "lm_gpt2_small.py")
 # ViT's code on small models, and imagenet_vit.py's smoke run in the full run.
 SLOW_SMOKE += ("cifar10_vit.py",)
 SLOW_BUILD = ("lm_gpt2_small.py",)
-# The deep image pairs' smoke runs stop at the summary: their export (5-6 s each,
-# the checks of the restored state compiled for every leaf of a ResNet-34 or an
-# EfficientNet-B2) is tested on small models of each family (test_resnet.py,
+# The deep image pairs' smoke runs stop at the summary: their export (6 s of the
+# ImageNet ResNet-18/34's smoke test on a 2-core CPU: the restore, and programs
+# compiled over every leaf of the restored state) is tested on small models of each family (test_resnet.py,
 # test_efficientnet.py, test_vit.py) and on the other configs here.
 NO_EXPORT = ("imagenet_resnet.py", "cifar100_efficientnet.py", "cifar10_resnet.py")
 SMOKE_CONFIGS = [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_SMOKE else c

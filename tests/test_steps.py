@@ -92,8 +92,8 @@ def changed_outside_base(before, after, wmap, optimizer) -> list[str]:
 # batch norm (the MLP and the ViT have none, so "shared" would repeat
 # "per_subnet"). The ImageNet-stem ResNet once: it is the CIFAR one's module and
 # layers with another stem. The fast run takes every model once and every
-# optimizer and mode on the CNN; the other combinations (about 20 s of compiles
-# on a 2-core CPU) in the full run.
+# optimizer and mode on the CNN; the other combinations (about 15 s, mostly
+# compiling, on a 2-core CPU) in the full run.
 _FAST_CASES = {(name, "adamw", "per_subnet") for name in MODELS} | {
     ("cnn", opt, stats) for opt in OPTIMIZERS for stats in ("per_subnet", "shared")}
 STEP_CASES = [(name, opt, stats) for name in sorted(MODELS) if name != "resnet_imagenet"
