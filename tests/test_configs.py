@@ -35,8 +35,9 @@ SLOW_SMOKE += ("cifar10_vit.py",)
 SLOW_BUILD = ("lm_gpt2_small.py",)
 # The deep image pairs' smoke runs stop at the summary: their export (6 s of the
 # ImageNet ResNet-18/34's smoke test on a 2-core CPU: the restore, and programs
-# compiled over every leaf of the restored state) is tested on small models of each family (test_resnet.py,
-# test_efficientnet.py, test_vit.py) and on the other configs here.
+# compiled over every leaf of the restored state) is tested on small models of
+# each family (test_resnet.py, test_efficientnet.py, test_vit.py) and on the other
+# configs here.
 NO_EXPORT = ("imagenet_resnet.py", "cifar100_efficientnet.py", "cifar10_resnet.py")
 SMOKE_CONFIGS = [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_SMOKE else c
                  for c in FAMILY_CONFIGS]
