@@ -111,8 +111,12 @@ def pytest_collection_modifyitems(items):
 
 def run_launcher(args, *, timeout, env=None):
   """Runs a command in its own process group; on a timeout kills the group (the
-  launcher and every process it started) and fails."""
-  proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})},
+  launcher and every process it started) and fails. The launcher's processes
+  run this interpreter (``PYTHON``, which launch/local.sh reads), not whatever
+  ``python3`` or the checkout's .venv is: the suite passes from any environment
+  that has the package and its test extra."""
+  proc = subprocess.Popen(args, cwd=ROOT,
+                          env={**os.environ, "PYTHON": sys.executable, **(env or {})},
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True)
   try:

@@ -289,7 +289,7 @@ TINY = ["--config=configs/default.py", "--config.num_epochs=1", "--config.progre
 def launch_two(workdir, logs) -> subprocess.CompletedProcess:
   return subprocess.run(["bash", LOCAL, "2", f"--workdir={workdir}", *TINY], cwd=ROOT,
                         capture_output=True, text=True, timeout=300,
-                        env={**os.environ, "LOG_DIR": str(logs)})
+                        env={**os.environ, "PYTHON": sys.executable, "LOG_DIR": str(logs)})
 
 
 @pytest.mark.slow  # two processes start and stop: about 20 s
