@@ -175,7 +175,7 @@ def _refuse_a_checkpoint_being_written(workdir: str, ckpt: checkpoint.Checkpoint
 
 
 def _check_sample(config, dataset: dict):
-  """The batch ``train`` checked a user's module on (``train._check_sample``)."""
+  """The batch ``train`` checked a user's module on (``run_setup._check_sample``)."""
   if not config.model.get("module"):
     return None
   if dataset.get("task") == "causal_lm":

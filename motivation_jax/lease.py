@@ -8,7 +8,7 @@ the workdir: the run id (shared by every process of a multi-process run), the
 host, the process id, when it started and when it last renewed the lease, and
 its ``ttl_s``. A run
 
-- **takes** it before anything is written (``train.setup``), by creating the
+- **takes** it before anything is written (``run_setup.setup``), by creating the
   file only if it is absent: locally a complete temporary file hard-linked to
   the name (atomic on local disks and on NFS, where ``flock`` cannot be
   trusted; ``open(..., "x")`` where links are not supported), on a bucket an
@@ -335,7 +335,7 @@ def _store(workdir: str):
 # --- the lease -------------------------------------------------------------------
 
 # Leases this process holds, by lease path: released at exit if still held
-# (a ``train.setup`` whose run was never closed).
+# (a ``run_setup.setup`` whose run was never closed).
 _HELD: dict[str, "Lease"] = {}
 _HELD_LOCK = threading.Lock()
 
@@ -433,7 +433,7 @@ class Lease:
   def released_on_sigterm(self):
     """While inside, a SIGTERM releases the lease, then acts as it did before
     (by default: ends the process). For the parts of a run where nothing else
-    catches SIGTERM (``train.setup``); single-process runs only, where no JAX
+    catches SIGTERM (``run_setup.setup``); single-process runs only, where no JAX
     preemption service owns the signal."""
     if _multi_process() or threading.current_thread() is not threading.main_thread():
       yield

@@ -1,5 +1,6 @@
-"""What a causal-LM run (``config.task = "causal_lm"``) needs of ``train.py``:
-its config checks, its text data and tokenizer, its schedule in steps.
+"""What a causal-LM run (``config.task = "causal_lm"``) needs of the run's modules
+(``run_checks``, ``run_setup``, ``run_summary``): its config checks, its text
+data and tokenizer, its schedule in steps.
 
 Config keys beside configs/default.py's (the LM configs set them):
 
@@ -38,7 +39,7 @@ _STEPS = ("an integer >= 1", lambda v: isinstance(v, numbers.Integral)
           and not isinstance(v, bool) and v >= 1)
 CHECKS = {"num_train_steps": _STEPS, "eval_every_steps": _STEPS,
           "checkpoint_every_steps": _STEPS}
-# Keys a resumed LM run may change (train.SAFE_TO_CHANGE_ON_RESUME has the rest).
+# Keys a resumed LM run may change (resuming.SAFE_TO_CHANGE_ON_RESUME has the rest).
 SAFE_TO_CHANGE_ON_RESUME = ("num_train_steps", "eval_every_steps", "checkpoint_every_steps")
 
 
@@ -82,7 +83,7 @@ def check_classification_config(config) -> None:
 
 @dataclasses.dataclass
 class TextData:
-  """A tokenized corpus with what ``train.py`` reads of a data set."""
+  """A tokenized corpus with what ``run_setup`` and ``run_summary`` read of a data set."""
   dataset: text.TextDataset
   seq_len: int
   mock: bool = False  # TFDS mock data (config.mock_data_examples)
@@ -192,7 +193,7 @@ SUBNETS = ("base", "motivated")
 
 
 def summary_fields(run, eval_metrics: dict[str, float]) -> dict:
-  """What an LM run's summary adds (``train.summarize``): the held-out numbers of
+  """What an LM run's summary adds (``run_summary.summarize``): the held-out numbers of
   both sub-networks, FLOPs per token (XLA's count per step over the tokens of a
   step) and the training throughput (tokens of the steps this process ran, over
   the loop's time outside evaluations; checkpoints are inside it)."""
@@ -216,7 +217,7 @@ def summary_fields(run, eval_metrics: dict[str, float]) -> dict:
 
 
 def summary_table(summary: dict) -> tuple[str, list[tuple[str, str, str]], list[str]]:
-  """An LM run's lines of ``train.format_summary``: the header, the rows of the
+  """An LM run's lines of ``run_summary.format_summary``: the header, the rows of the
   two columns, and the throughput line."""
   flops, params = summary["flops_per_step"], summary["params"]
   per_token = summary["flops_per_token"]

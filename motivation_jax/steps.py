@@ -303,7 +303,7 @@ def _update(model, optimizer, loss_fn, subnet, params, batch_stats, opt_state, b
   # Known before the update, so XLA can fold the select into the optimizer's
   # own elementwise pass (checking the updated parameters too cost a second
   # pass: +40% on a 170 us step, against +15%; an update that overflows is
-  # caught one batch later, by its loss, and train.save refuses a state that
+  # caught one batch later, by its loss, and saving.save refuses a state that
   # is not finite).
   finite = all_finite(loss, grads)
   updates, new_opt_state = optimizer.update(grads, opt_state, params)

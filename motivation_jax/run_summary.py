@@ -1,0 +1,96 @@
+"""A finished run's summary: what it gave (both test accuracies) and what it
+cost, as the dict ``train_and_evaluate`` returns and writes to
+workdir/summary.json, and as the table the command prints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from motivation_jax import compilation, lm, tasks
+from motivation_jax.run_setup import Run
+
+
+def summarize(run: Run, eval_metrics: dict[str, float], wall_time_s: float) -> dict[str, Any]:
+  """What the run gave (both test accuracies) and what it cost."""
+  counts, flops = run.controller.counts, run.flops
+  # Under policies "both" and "joint" the compiled motivated step includes a
+  # base step (joint: the base's forward and backward, one update of the sum).
+  motivated_only_flops = flops["motivated"] - (
+      flops["base"] if run.config.motivation.policy in ("both", "joint") else 0.0)
+  return {
+      "dataset": run.dataset.name,
+      "train_examples": len(run.dataset.train),
+      "test_examples": len(run.dataset.test),
+      "base/test_accuracy": eval_metrics["base/test_accuracy"],
+      "motivated/test_accuracy": eval_metrics["motivated/test_accuracy"],
+      "base_steps": counts["base"],
+      "motivated_steps": counts["motivated"],
+      # What a motivated batch trained: the motivated model ("switch"), the base
+      # then it ("both"), or both at once, one update ("joint").
+      "policy": run.config.motivation.policy,
+      "activations": run.controller.activations,
+      # Batches whose update was not applied (a non-finite loss or gradient).
+      "nonfinite_steps": run.controller.missing_losses,
+      "params": {"base": run.wmap.num_params("base"),
+                 "motivated": run.wmap.num_params("motivated")},
+      "flops_per_step": flops,
+      "training_flops": counts["base"] * flops["base"] + counts["motivated"] * flops["motivated"],
+      # What training the motivated (large) model alone on every batch costs.
+      "large_alone_flops": (counts["base"] + counts["motivated"]) * motivated_only_flops,
+      "wall_time_s": wall_time_s,
+      "resumed_from_step": run.first_step,
+      # 0 when the test accuracies use the running averages (no batch norm, or off).
+      "bn_recalibration_batches": (run.config.bn_recalibration_batches
+                                   if jax.tree.leaves(run.wmap["batch_stats"]) else 0),
+      # A user's own module: {"exact", "gap", "api"} (exact False: the base only
+      # shares weights, models/paired.py).
+      **({"nesting": run.nesting} if run.nesting else {}),
+      # The same accuracies with the running averages, where they differ.
+      **{k: v for k, v in eval_metrics.items() if k.endswith("test_accuracy_running_stats")},
+      # A language model's held-out loss, bits per byte, perplexity, FLOPs per token, tokens/s.
+      **(lm.summary_fields(run, eval_metrics) if run.task is tasks.CAUSAL_LM else {}),
+  }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+  """The summary as a small table for the terminal."""
+  flops, params = summary["flops_per_step"], summary["params"]
+  ratio = summary["training_flops"] / summary["large_alone_flops"]
+  if summary.get("task") == "causal_lm":  # held-out bits per byte, FLOPs per token, tokens/s
+    header, rows, extra = lm.summary_table(summary)
+  else:
+    header = (f"{summary['dataset']}: {summary['train_examples']:,} training and "
+              f"{summary['test_examples']:,} test examples")
+    rows = [
+        ("test accuracy", f"{summary['base/test_accuracy']:.4f}",
+         f"{summary['motivated/test_accuracy']:.4f}"),
+        ("parameters", f"{params['base']:,}", f"{params['motivated']:,}"),
+        ("train steps", f"{summary['base_steps']:,}", f"{summary['motivated_steps']:,}"),
+        ("FLOPs per step", f"{flops['base']:.3e}", f"{flops['motivated']:.3e}"),
+    ]
+    extra = []
+  rows = [("", "base", "motivated"), *rows]
+  width = max(len(r[0]) for r in rows)
+  lines = [header] + [f"{a:<{width}}  {b:>14}  {c:>14}" for a, b, c in rows]
+  lines += [
+      f"activations of the motivated model: {summary['activations']:,}",
+      f"training FLOPs: {summary['training_flops']:.3e} = {ratio:.1%} of training the "
+      f"motivated model alone on every batch ({summary['large_alone_flops']:.3e})",
+      *extra,
+      f"wall time: {summary['wall_time_s']:.1f} s",
+  ]
+  if summary.get("nonfinite_steps"):
+    lines.insert(-1, f"batches not applied (a non-finite loss or gradient): "
+                     f"{summary['nonfinite_steps']:,}")
+  nested = summary.get("nesting")
+  if nested and not nested["exact"]:
+    lines.insert(-1, f"the base is not exactly nested (exact=False): it shares the motivated "
+                     f"model's weights, its outputs differ by up to {nested['gap']:.3g}")
+  if summary["resumed_from_step"]:
+    lines[-1] += f" (this process, resumed at batch {summary['resumed_from_step']:,})"
+  if "compilation" in summary:
+    lines.append(compilation.describe(summary["compilation"]))
+  return "\n".join(lines)
