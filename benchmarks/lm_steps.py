@@ -15,9 +15,9 @@ trial; a ratio is the median per-trial ratio. Target <= 1.05 (issues 26, 27).
 Also: tokens/s of each step; each step's FLOPs from XLA's cost analysis
 against the formula (``transformer.flops_per_token``: 6 N plus attention,
 times the tokens of a batch); and, where the device's peak is known
-(``benchmarks.run.PEAK_FLOPS``), model FLOPs utilisation from the formula's
-FLOPs. The batch is ``config.batch_size`` windows of ``seq_len + 1`` random
-byte-level tokens: a step's time does not depend on the text.
+(``benchmarks.accelerator.PEAK_FLOPS``), model FLOPs utilisation from the
+formula's FLOPs. The batch is ``config.batch_size`` windows of ``seq_len + 1``
+random byte-level tokens: a step's time does not depend on the text.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ import optax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.run import (describe_machine, interleaved_times, load_config,  # noqa: E402
-                            median, peak_flops, step_memory_bytes)
+from benchmarks.accelerator import peak_flops, step_memory_bytes  # noqa: E402
+from benchmarks.common import (describe_machine, interleaved_times, load_config,  # noqa: E402
+                               median)
 from motivation_jax import models, nesting, steps, tasks  # noqa: E402
 from motivation_jax.errors import ConfigError  # noqa: E402
 from motivation_jax.models import transformer  # noqa: E402
@@ -161,7 +162,7 @@ def table(r: dict[str, Any]) -> list[str]:
                  f"| {k['ratio']:.3f} | {k['nested_tokens_per_s']:,.0f} "
                  f"| {k['xla_over_formula']:.3f} | {mfu} |")
   if r["peak_flops"] is None:
-    lines.append("\nMFU: the device's peak is not known here (benchmarks.run.PEAK_FLOPS).")
+    lines.append("\nMFU: the device's peak is not known here (benchmarks.accelerator.PEAK_FLOPS).")
   return lines
 
 

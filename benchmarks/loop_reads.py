@@ -3,10 +3,11 @@ r"""What reading the losses costs a loop: blocking on each step, or the read?
   python -m benchmarks.loop_reads [--config=configs/default.py[:variant]] [--tiny] \
       [--batches=330] [--trials=7]
 
-A companion to the harness (benchmarks/run.py, whose loops and trial scheme it
-reuses): on the same compiled steps, batches and schedule, each variant against
-the schedule loop that reads nothing, as the median over interleaved trials of
-the per-trial ratio (1.0: costs nothing; lower is slower):
+A companion to the harness (benchmarks/run.py), whose loops (benchmarks/loop.py)
+and trial scheme (benchmarks/common.py) it reuses: on the same compiled steps,
+batches and schedule, each variant against the schedule loop that reads
+nothing, as the median over interleaved trials of the per-trial ratio (1.0:
+costs nothing; lower is slower):
 
 - ``real``: ``train.train`` at decision lag 1 (the harness's loop overhead);
 - ``reads``: reads each loss one batch late with ``float(np.asarray(...))``,
@@ -28,7 +29,8 @@ import time
 
 import jax
 
-from benchmarks import run as harness
+from benchmarks.common import fresh_state, load_config, loop_config, rotated, tiny_config
+from benchmarks.loop import read_loss, real_loop, reading_loop, resident, schedule_loop
 from motivation_jax import train
 
 
@@ -39,18 +41,18 @@ def _reads_when_ready(run, state, kinds) -> float:
     state, metrics = run.train_steps[kind](state, run.train_data[t])
     pending.append(metrics["loss"])
     while pending and pending[0].is_ready():
-      harness.read_loss(pending.popleft())
+      read_loss(pending.popleft())
   for loss in pending:
-    harness.read_loss(loss)
+    read_loss(loss)
   jax.block_until_ready(state)
   return time.perf_counter() - start
 
 
 VARIANTS = {  # (run, state, kinds) -> seconds
-    "schedule": harness.schedule_loop,
-    "real": lambda run, state, kinds: harness.real_loop(run, state, 1)[0],
-    "reads": lambda run, state, kinds: harness.reading_loop(run, state, kinds, 1),
-    "waits": lambda run, state, kinds: harness.reading_loop(
+    "schedule": schedule_loop,
+    "real": lambda run, state, kinds: real_loop(run, state, 1)[0],
+    "reads": lambda run, state, kinds: reading_loop(run, state, kinds, 1),
+    "waits": lambda run, state, kinds: reading_loop(
         run, state, kinds, 1, take=lambda loss: loss.block_until_ready()),
     "reads when ready": _reads_when_ready,
 }
@@ -59,15 +61,15 @@ VARIANTS = {  # (run, state, kinds) -> seconds
 def measure(config, batches: int, trials: int) -> dict[str, dict[str, float]]:
   """``{variant: {"ratio": schedule / variant, "us_per_batch": ...}}``."""
   with tempfile.TemporaryDirectory() as workdir:
-    run, state0 = train.setup(harness.loop_config(config, batches), workdir)
-    run = harness.resident(run)
-    _, kinds = harness.real_loop(run, harness.fresh_state(state0), 1)
+    run, state0 = train.setup(loop_config(config, batches), workdir)
+    run = resident(run)
+    _, kinds = real_loop(run, fresh_state(state0), 1)
     for loop in VARIANTS.values():  # warm-up
-      loop(run, harness.fresh_state(state0), kinds)
+      loop(run, fresh_state(state0), kinds)
     times = collections.defaultdict(list)
     for trial in range(trials):
-      for name in harness.rotated(list(VARIANTS), trial):
-        times[name].append(VARIANTS[name](run, harness.fresh_state(state0), kinds))
+      for name in rotated(list(VARIANTS), trial):
+        times[name].append(VARIANTS[name](run, fresh_state(state0), kinds))
     run.close()
   return {name: {"ratio": statistics.median(s / v for s, v in zip(times["schedule"], t)),
                  "us_per_batch": statistics.median(t) / len(kinds) * 1e6,
@@ -83,9 +85,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
   parser.add_argument("--batches", type=int, default=330)
   parser.add_argument("--trials", type=int, default=7)
   args = parser.parse_args(argv)
-  config = harness.load_config(args.config)
+  config = load_config(args.config)
   if args.tiny:
-    config = harness.tiny_config(config)
+    config = tiny_config(config)
   result = measure(config, args.batches, args.trials)
   print(f"{result['schedule']['batches']} batches, {args.trials} trials, "
         f"{jax.devices()[0].device_kind} ({os.cpu_count()} cores)")

@@ -29,7 +29,7 @@ import optax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.run import describe_machine  # noqa: E402
+from benchmarks.common import describe_machine  # noqa: E402
 from examples.byom_models import MLP  # noqa: E402
 from motivation_jax import nesting, steps  # noqa: E402
 
@@ -37,7 +37,7 @@ SEED = 0
 
 
 def _ordinary_step(module, optimizer):
-  """``benchmarks.run._standalone_step`` with the dropout keys the paired step draws."""
+  """``benchmarks.step_cost._standalone_step`` with the dropout keys the paired step draws."""
   def step(variables, opt_state, batch, t):
     rngs = steps.batch_rngs(SEED, t, "base")
 

@@ -1,15 +1,15 @@
 """The plain loop a user would write instead of ``train_and_evaluate`` for the base alone.
 
-The harness's whole-run overhead (benchmarks/run.py, ``measure_overhead``) times
-``train.train_and_evaluate`` with condition ``never`` against ``plain_run``:
-the standalone base model (``model.standalone("base")``, a plain Flax module of
-the base's size), the config's optimizer and schedule, one jitted train step,
-the same batches from the same pipeline (``data.TrainBatches``, the device
-copies prefetched), the training loss read every ``log_every_steps``, and the
-test set evaluated every ``eval_every_epochs`` and at the end, with the
-running batch-norm averages. No checkpoint, no log files, no recalibration,
-no controller, no evaluation of a motivated model: what the package adds is
-what the ratio measures.
+The harness's whole-run overhead (``measure_overhead`` in
+benchmarks/whole_run_overhead.py) times ``train.train_and_evaluate`` with
+condition ``never`` against ``plain_run``: the standalone base model
+(``model.standalone("base")``, a plain Flax module of the base's size), the
+config's optimizer and schedule, one jitted train step, the same batches from
+the same pipeline (``data.TrainBatches``, the device copies prefetched), the
+training loss read every ``log_every_steps``, and the test set evaluated every
+``eval_every_epochs`` and at the end, with the running batch-norm averages. No
+checkpoint, no log files, no recalibration, no controller, no evaluation of a
+motivated model: what the package adds is what the ratio measures.
 """
 
 from __future__ import annotations

@@ -90,9 +90,9 @@ def test_loop_reads_times_every_variant_on_the_same_batches(capsys):
 
 
 def test_the_accelerator_part_measures_each_kind_and_dtype(tmp_path, monkeypatch):
-  run = _benchmark()
-  (vit,) = [c for c in run.ACCELERATOR_CONFIGS if "vit" in c[0]]
-  monkeypatch.setattr(run, "ACCELERATOR_CONFIGS", (vit,))
+  run, accelerator = _benchmark(), _benchmark("accelerator")
+  (vit,) = [c for c in accelerator.ACCELERATOR_CONFIGS if "vit" in c[0]]
+  monkeypatch.setattr(accelerator, "ACCELERATOR_CONFIGS", (vit,))
   out = str(tmp_path / "harness_steps")
   written = []
   save = run.markdown
