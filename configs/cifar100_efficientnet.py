@@ -7,7 +7,7 @@ same images, so the family's per-model resolutions (224/260) do not apply
 loss fell on each of the last 3 batches. SGD with momentum, 200 epochs at
 batch 128.
 
-Command (needs CIFAR-100 prepared for TFDS, see README "Data"):
+Command (needs CIFAR-100 prepared for TFDS, see docs/data.md):
 
   python -m motivation_jax.main --config=configs/cifar100_efficientnet.py \
       --workdir=workdirs/cifar100_efficientnet --config.data_dir=$HOME/tensorflow_datasets

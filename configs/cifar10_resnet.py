@@ -6,7 +6,7 @@ it trains on a batch when the training loss fell on each of the last 3
 batches. SGD with momentum, 160 epochs at batch 128 (the CIFAR ResNet
 schedule's length, with a cosine decay).
 
-Command (needs CIFAR-10 prepared for TFDS, see README "Data"):
+Command (needs CIFAR-10 prepared for TFDS, see docs/data.md):
 
   python -m motivation_jax.main --config=configs/cifar10_resnet.py \
       --workdir=workdirs/cifar10_resnet --config.data_dir=$HOME/tensorflow_datasets

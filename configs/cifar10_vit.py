@@ -6,7 +6,7 @@ patches of the 32x32 images (64 tokens and a class token). The motivated
 model trains on a batch when the training loss fell on each of the last 3
 batches. AdamW, 200 epochs at batch 128, 5 warm-up epochs.
 
-Command (needs CIFAR-10 prepared for TFDS, see README "Data"):
+Command (needs CIFAR-10 prepared for TFDS, see docs/data.md):
 
   python -m motivation_jax.main --config=configs/cifar10_vit.py \
       --workdir=workdirs/cifar10_vit --config.data_dir=$HOME/tensorflow_datasets

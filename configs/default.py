@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # Data set: "digits" (scikit-learn's bundled 8x8 digits; works offline),
-  # "fashion_mnist", "mnist", "cifar10", "cifar100" or "imagenet2012" (README "Data").
+  # "fashion_mnist", "mnist", "cifar10", "cifar100" or "imagenet2012" (docs/data.md).
   config.dataset = "digits"
   # Where TFDS data sets (or MNIST-format IDX files) live; unused by digits.
   config.data_dir = ml_collections.FieldReference(None, field_type=str)
@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_threads = 2
   # > 0: grain worker processes preparing batches instead of the threads, for
   # decoding that costs milliseconds per image (ImageNet's JPEGs); the same
-  # batches either way (README "Data").
+  # batches either way (docs/data.md).
   config.data_workers = 0
 
   # What a batch holds and what is minimised: "classification" (images and

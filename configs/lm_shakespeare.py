@@ -21,7 +21,7 @@ evaluations included); held-out bits/byte 2.661 (base) and 2.681 (motivated);
 the motivated model trained on 129 of the 2000 batches; training FLOPs 41.4% of
 the motivated model's alone on every batch. The same shapes trained alone on
 every batch (benchmarks/lm_baseline.py, 2000 steps, no gradient clipping):
-2.662 (base) and 2.632 (motivated). README "Language models" has the table.
+2.662 (base) and 2.632 (motivated). docs/language_models.md has the table.
 
 ``:smoke``: a tiny pair, 8 steps (tests/test_configs.py).
 """

@@ -1,5 +1,5 @@
 """Ordinary Flax models, written with no knowledge of motivation_jax, that the
-"Bring your own model" tests and README pair (``nesting.paired``, or
+"bring your own model" tests pair (``nesting.paired``, or
 ``config.model.module = "examples.byom_models:MLP"`` run from the repository root)."""
 
 from typing import Sequence

@@ -74,7 +74,7 @@ def test_a_resumed_iterator_yields_exactly_the_uninterrupted_batches(name, reque
   assert len(resumed) == total - start
   for got, want in zip(resumed, uninterrupted[start:]):
     _equal_batches(got, want)
-  # What train.py compiles for, without reading a batch: the batches' own shapes.
+  # What run_setup.py compiles for, without reading a batch: the batches' own shapes.
   assert {k: (v.shape, v.dtype) for k, v in uninterrupted[0].items()} == batches.global_shapes()
   # Epochs are reshuffled, and seeds matter.
   assert not np.array_equal(uninterrupted[0]["label"], uninterrupted[per_epoch]["label"])
