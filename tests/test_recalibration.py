@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from motivation_jax import checkpoint, export, nesting, recalibration, steps, train
+from motivation_jax import checkpoint, export, nesting, recalibration, run_setup, steps, train
 from motivation_jax.models.layers import NestedBatchNorm
 
 from conftest import MODELS, load_default_config, make_batch
@@ -157,6 +157,40 @@ def test_a_checkpoints_statistics_are_recomputed_exactly_after_a_resume(runs):
         {s: jax.tree.map(np.asarray, state.subnet_stats(s)) for s in ("base", "motivated")},
         run.first_step)
     jax.tree.map(np.testing.assert_array_equal, run.recalibrate(state), saved)
+  finally:
+    run.close()
+
+
+def test_small_calibration_batches_are_copied_once_and_give_the_same_bits(runs, monkeypatch):
+  """Kept on the devices after the first recalibration (under
+  ``CALIBRATION_CACHE_BYTES``), the calibration batches are not made or copied
+  again, and the statistics are those of batches made afresh each time."""
+  workdir, _ = runs["on"]
+  run, state = train.setup(cnn_config(), str(workdir))
+  try:
+    config = cnn_config()
+    model, wmap, _ = run_setup.build(config, run.dataset)
+    # The batches' sharding, as setup lays them out (one device here: any rows).
+    batch_sharding = jax.tree.leaves(run.put(run.train_data[0]))[0].sharding
+    copies = []
+
+    def counting_put(batch):
+      copies.append(1)
+      return run.put(batch)
+
+    def make(cache_bytes):
+      monkeypatch.setattr(run_setup, "CALIBRATION_CACHE_BYTES", cache_bytes)
+      return run_setup.make_recalibrate(config, model, wmap, run.dataset, batch_sharding,
+                                        counting_put)
+    kept, streamed = make(run_setup.CALIBRATION_CACHE_BYTES), make(0)
+    first = kept(state)
+    assert len(copies) == 3
+    again = kept(state)
+    assert len(copies) == 3  # nothing made or copied the second time
+    fresh = streamed(state), streamed(state)
+    assert len(copies) == 9  # over the threshold: made and copied each time
+    for other in (again, *fresh):
+      jax.tree.map(np.testing.assert_array_equal, first, other)
   finally:
     run.close()
 
