@@ -93,6 +93,16 @@ class Region:
         x[tuple(slice(None) if i == split else s for i, s in enumerate(base))], sharding)
     return lax.with_sharding_constraint(x[base], self._view_sharding(sharding, split))
 
+  def view_at(self, x: jax.Array, start, sharding=None) -> jax.Array:
+    """``view``, read at ``start`` (a traced zero, ``write_after``'s) where the
+    leaf is not split: the slice a ``merge`` at the same ``start`` writes, so
+    that XLA may compute the written values from it in place (a static slice
+    of the same buffer it copies out first). Split leaves: ``view``."""
+    start = start[0] if isinstance(start, tuple) else start
+    if self.whole or _split_dim(sharding, self) is not None:
+      return self.view(x, sharding)
+    return lax.dynamic_slice(x, (start,) * x.ndim, self.base_shape)
+
   def merge(self, full: jax.Array, part: jax.Array, sharding=None, start=0) -> jax.Array:
     """``full`` with its base region replaced by ``part``; ``start``: the
     region's first index (always 0; ``write_after`` says why it may be traced)."""
@@ -286,6 +296,14 @@ def base_view(tree: PyTree, regions: PyTree, shardings: PyTree = None) -> PyTree
   if shardings is None:
     return jax.tree.map(lambda r, x: r.view(x), regions, tree)
   return jax.tree.map(lambda r, x, s: r.view(x, s), regions, tree, shardings)
+
+
+def base_view_at(tree: PyTree, regions: PyTree, start, shardings: PyTree = None) -> PyTree:
+  """``base_view`` read at ``start`` (``Region.view_at``): the view a
+  ``merge_base(..., start=start)`` of the same leaves writes back in place."""
+  if shardings is None:
+    return jax.tree.map(lambda r, x: r.view_at(x, start), regions, tree)
+  return jax.tree.map(lambda r, x, s: r.view_at(x, start, s), regions, tree, shardings)
 
 
 def merge_base(tree: PyTree, base_tree: PyTree, regions: PyTree,

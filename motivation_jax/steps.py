@@ -269,7 +269,7 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def _update(model, optimizer, loss_fn, subnet, params, batch_stats, opt_state, batch,
             compute_sharding=None, to_logical=None, params_layout=None, rngs=None,
-            task=tasks.CLASSIFICATION):
+            task=tasks.CLASSIFICATION, with_reread: bool = False):
   """One ordinary optimizer step of ``subnet`` on the given (view or full) arrays.
 
   ``compute_sharding`` (replicated, when the state is split over devices): the
@@ -288,7 +288,9 @@ def _update(model, optimizer, loss_fn, subnet, params, batch_stats, opt_state, b
   ``params_layout``: the parameters' shardings, if any (``keep_finite_update``
   reads no split leaf). ``rngs``: this batch's keys (``batch_rngs``). ``task``
   (``motivation_jax.tasks``): what the model reads of the batch, the loss and
-  the accuracy."""
+  the accuracy. ``with_reread`` (the base step): also return
+  ``reread(opt_state_again) -> new opt_state``, the same optimizer update of
+  the same values read again (``base_train_step`` says why)."""
   def objective(p):
     if compute_sharding is not None:
       p = jax.lax.with_sharding_constraint(p, compute_sharding)
@@ -313,9 +315,14 @@ def _update(model, optimizer, loss_fn, subnet, params, batch_stats, opt_state, b
   # base step's are on views, and nesting.write_after orders their merges.
   select = functools.partial(keep_finite_update, params_layout=params_layout) if (
       subnet == "motivated") else (lambda finite, new, old: keep_if(finite, new, old))
-  return (*select(finite, (new_params, new_stats, new_opt_state),
-                  (params, batch_stats, opt_state)),
-          {"loss": loss, "accuracy": accuracy, "nonfinite": ~finite})
+  out = (*select(finite, (new_params, new_stats, new_opt_state),
+                 (params, batch_stats, opt_state)),
+         {"loss": loss, "accuracy": accuracy, "nonfinite": ~finite})
+  if not with_reread:
+    return out
+  def reread(again):
+    return keep_if(finite, optimizer.update(grads, again, params)[1], again)
+  return (*out, reread)
 
 
 def all_finite(*trees) -> jax.Array:
@@ -414,18 +421,27 @@ def base_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_f
     params_layout, opt_layout = state_sharding.params, state_sharding.opt_state
     stats_layout = state_sharding.subnet_stats("base")
   stats_regions, stats = wmap["batch_stats"], state.subnet_stats("base")
-  params, batch_stats, opt_state, metrics = _update(
+  params, batch_stats, _, metrics, reread = _update(
       model, optimizer, loss_fn, "base",
       nesting.base_view(state.params, wmap.params, params_layout),
       nesting.base_view(stats, stats_regions, stats_layout),
       nesting.base_view(state.opt_state, opt_regions, opt_layout), batch,
       _compute_sharding(state_sharding), rngs=_step_rngs(model, seed, state.step, "base"),
-      task=task)
+      task=task, with_reread=True)
   params = nesting.merge_base(state.params, params, wmap.params, params_layout)
   # The moments are overwritten only after the parameter update has read them
-  # (nesting.write_after: otherwise XLA copies each one first).
-  opt_state = nesting.merge_base(state.opt_state, opt_state, opt_regions, opt_layout,
-                                 start=nesting.write_after(params, wmap.params, params_layout))
+  # (nesting.write_after: otherwise XLA copies each one first), and their new
+  # values are computed from the moments read again at the index they are
+  # written at (the same values: nothing has written them yet). From the first
+  # view, a static slice, XLA cannot tell the write reads the region it writes,
+  # and copied every moment's base region out first (an AdamW MLP's base step:
+  # 18 copies, 412 KB of its 1.56 MB of temporaries; benchmarks/results/
+  # paired_step_scaling_cpu.md).
+  start = nesting.write_after(params, wmap.params, params_layout)
+  opt_state = nesting.merge_base(
+      state.opt_state, reread(nesting.base_view_at(state.opt_state, opt_regions, start,
+                                                   opt_layout)),
+      opt_regions, opt_layout, start=start)
   if not advance_step:
     opt_state = jax.tree.map(lambda r, old, new: old if r.base_shape is None else new,
                              opt_regions, state.opt_state, opt_state)

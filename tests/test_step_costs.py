@@ -66,6 +66,31 @@ def test_the_base_step_writes_its_region_back_in_place_without_copying_the_momen
   assert _copies(base) <= _copies(standalone), (_copies(base), _copies(standalone))
 
 
+def test_the_base_step_computes_the_moments_it_writes_in_place_without_copying_them():
+  """The moments' new values are computed from the moments read at the index
+  they are written at (``steps.base_train_step``), so XLA updates them in
+  place; from a static slice it copied every moment's base region out first:
+  the base step then needed the base's parameter bytes twice more in
+  temporaries than its standalone step (AdamW: mu and nu). What stays above
+  the standalone step is at most the base's parameters once (the kernels the
+  dots read, copied out of the larger ones)."""
+  model, optimizer, batch = MODELS["mlp"](), optax.adamw(1e-2, weight_decay=0.1), make_batch()
+  state = steps.create_train_state(model, optimizer, jax.random.key(0), batch["image"])
+  wmap = nesting.weights_map(model, batch["image"], subnet="motivated")
+  base = steps.make_train_steps(model, optimizer, wmap=wmap)["base"].lower(
+      state, batch).compile(DEFAULT_COMPILER)
+  variables = nesting.export(state.variables("base"), "base", wmap)
+  variables.setdefault("batch_stats", {})
+  standalone = jax.jit(
+      lambda v, o, b: reference_step(model.standalone("base"), optimizer, v, o, b),
+      donate_argnums=(0, 1)).lower(variables, optimizer.init(variables["params"]), batch).compile(
+          DEFAULT_COMPILER)
+  base_bytes = sum(x.nbytes for x in jax.tree.leaves(variables["params"]))
+  temp = {name: c.memory_analysis().temp_size_in_bytes
+          for name, c in (("base", base), ("standalone", standalone))}
+  assert temp["base"] <= temp["standalone"] + base_bytes, (temp, base_bytes)
+
+
 def test_the_motivated_step_applies_its_finite_update_in_place_without_copying_the_moments():
   """The optimizer state's selects wait for the parameter update that reads the
   old state (``steps.keep_finite_update``); unordered, XLA copies every moment
