@@ -22,6 +22,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -58,6 +59,43 @@ def assert_same_run(workdir, reference) -> None:
   assert [sorted(m) for m in got] == [sorted(m) for m in want]
   for g, w in zip(got, want):
     assert g == pytest.approx(w, rel=1e-6), (g, w)
+
+
+def _checksum_trees():
+  rng = np.random.default_rng(0)
+  return {"f32": jnp.asarray(rng.normal(size=(37, 5)), jnp.float32),
+          "bf16": jnp.asarray(rng.normal(size=(3, 4, 5)), jnp.bfloat16),
+          "i32": jnp.asarray(rng.integers(-2**31, 2**31 - 1, size=(70_000,)), jnp.int32),
+          "u8": jnp.asarray(rng.integers(0, 256, size=(7, 7, 3)), jnp.uint8),
+          "bool": jnp.asarray(rng.integers(0, 2, size=(11,)).astype(bool)),
+          "scalar": jnp.float32(3.5), "count": jnp.int32(-7)}
+
+
+def test_checksums_on_the_host_are_the_devices_bit_for_bit(monkeypatch):
+  """Small trees are summed in NumPy (``checkpoint.HOST_CHECKSUM_BYTES``),
+  large ones by the program on the devices: the same sums either way, so a
+  checkpoint written one way verifies the other way (an old checkpoint, a
+  state that outgrew the threshold)."""
+  tree = _checksum_trees()
+  assert checkpoint._on_host(tree) is not None
+  host = checkpoint.array_checksums(tree)
+  monkeypatch.setattr(checkpoint, "HOST_CHECKSUM_BYTES", 0)
+  assert checkpoint._on_host(tree) is None
+  assert checkpoint.array_checksums(tree) == host
+  assert len(set(map(tuple, host.values()))) == len(host)  # each leaf its own sums
+
+
+def test_the_finite_check_is_the_same_on_the_host_and_on_the_devices(monkeypatch):
+  tree = _checksum_trees()
+  for poison in (None, jnp.nan, jnp.inf):
+    check = dict(tree, f32=tree["f32"] if poison is None else tree["f32"].at[3, 1].set(poison),
+                 bf16=tree["bf16"])
+    results = []
+    for threshold in (checkpoint.HOST_CHECKSUM_BYTES, 0):
+      monkeypatch.setattr(checkpoint, "HOST_CHECKSUM_BYTES", threshold)
+      results.append(checkpoint.array_checksums_and_finite({"state": tree}, finite_of=check))
+    assert results[0] == results[1]
+    assert results[0][1] is (poison is None)
 
 
 def test_cutting_a_log_back_to_a_checkpoint_keeps_whole_lines_before_it(tmp_path):
