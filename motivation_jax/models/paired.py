@@ -102,7 +102,7 @@ class NNXModel:
     self.cls = type(abstract)
     self.graphdef, params, stats, rng_state, other = nnx.split(
         abstract, nnx.Param, nnx.BatchStat, nnx.RngState, ...)
-    leftover = flax.traverse_util.flatten_dict(other.to_pure_dict())
+    leftover = flax.traverse_util.flatten_dict(nnx.to_pure_dict(other))
     if leftover:
       path = "/".join(map(str, next(iter(leftover))))
       raise ConfigError(f"{self.cls.__name__}: state at {path} is neither nnx.Param, "
@@ -121,7 +121,7 @@ class NNXModel:
     del x, train  # an NNX module's shapes come from its constructor
     _, params, stats, _ = nnx.split(self.constructor(nnx.Rngs(rng)), nnx.Param,
                                     nnx.BatchStat, ...)
-    return {"params": params.to_pure_dict(), "batch_stats": stats.to_pure_dict()}
+    return {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
 
   def merged(self, variables: Mapping[str, PyTree], rngs: Mapping[str, jax.Array] | None
              ) -> nnx.Module:
@@ -135,7 +135,7 @@ class NNXModel:
   def _rngs(self, rngs):
     """RNG state whose keys derive from ``rngs[tag]`` (or its first stream) and the
     leaf's position: a pure function of what the step passes."""
-    flat = self._rng_state.flat_state()
+    flat = nnx.to_flat_state(self._rng_state)
     default = jax.random.key(0) if not rngs else next(iter(rngs.values()))
     values = {}
     for i, (path, variable) in enumerate(flat):
@@ -145,7 +145,7 @@ class NNXModel:
       else:  # an RngCount starts at 0 on every batch
         value = variable.get_value()
         values[path] = variable.replace(jnp.zeros(value.shape, value.dtype))
-    return nnx.State.from_flat_path(values)
+    return nnx.from_flat_state(values)
 
   def apply(self, variables: Mapping[str, PyTree], x: jax.Array, *, train: bool = False,
             mutable=False, rngs: Mapping[str, jax.Array] | None = None,
@@ -166,15 +166,15 @@ class NNXModel:
     y = model(x)
     if not mutable:
       return y
-    stats = nnx.state(model, nnx.BatchStat).to_pure_dict()
+    stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
     return y, {"batch_moments" if calibrate else "batch_stats": stats}
 
 
 def _fill(template: nnx.State, pure: PyTree) -> nnx.State:
   """``template`` (an abstract State) holding the arrays of the pure dict ``pure``."""
   values = flax.traverse_util.flatten_dict(_int_keys(pure)) if pure else {}
-  return nnx.State.from_flat_path(
-      {path: variable.replace(values[tuple(path)]) for path, variable in template.flat_state()})
+  return nnx.from_flat_state({path: variable.replace(values[tuple(path)])
+                              for path, variable in nnx.to_flat_state(template)})
 
 
 def _int_keys(tree):
@@ -540,7 +540,7 @@ def _trace(model: Paired, module, variables, sample) -> list[_Call]:
         def call(self, *args, **kwargs):
           out = original(self, *args, **kwargs)
           shapes = {str(p[0]): tuple(v.get_value().shape) for p, v in
-                    nnx.state(self, nnx.Param).flat_state() if len(p) == 1}
+                    nnx.to_flat_state(nnx.state(self, nnx.Param)) if len(p) == 1}
           arrays.append(record(self, paths.get(id(self), ("?",)), args, out, shapes))
           return out
         return call
@@ -903,7 +903,7 @@ def check_reloads(spec: Mapping[str, Any], variables: Mapping[str, PyTree], samp
                       f"(**{spec['kwargs']}) fails ({type(e).__name__}: {e})") from e
   if spec.get("api") == "nnx":
     _, params, stats, _ = nnx.split(rebuilt, nnx.Param, nnx.BatchStat, ...)
-    want = {"params": params.to_pure_dict(), "batch_stats": stats.to_pure_dict()}
+    want = {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}
   else:
     want = dict(jax.eval_shape(lambda x: rebuilt.init(jax.random.key(0), x), sample))
   shapes = lambda t: {c: {p: tuple(np.shape(x)) for p, x in
