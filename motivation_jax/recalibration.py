@@ -126,6 +126,14 @@ def make_recalibrate(model, wmap: nesting.WeightsMap, *,
                        f"{state.order} order; convert it with steps.make_order_converters")
     if not jax.tree.leaves(state.batch_stats):
       return None
+    # In a multi-process run each accumulate program holds a collective (a
+    # batch's moments are averaged over every device), and the sub-networks'
+    # chains of them do not depend on each other, so the CPU runtime may start
+    # them in another order on each process, and the collectives would then wait
+    # for each other forever: there each program is waited for before the next
+    # starts. (Suspected, not proven, cause of a hang of tests/test_multiprocess.py's
+    # two processes in one CI run; one device or one process is not affected.)
+    ordered = jax.process_count() > 1
     sums, count = None, 0
     for batch in batches:
       if sums is None:  # zeros of the moments' shapes, known without running anything
@@ -135,6 +143,8 @@ def make_recalibrate(model, wmap: nesting.WeightsMap, *,
                 for subnet in subnets}
       for subnet in subnets:
         sums[subnet] = steps[subnet](sums[subnet], state.variables(subnet), batch["image"])
+        if ordered:
+          jax.block_until_ready(sums[subnet])
       count += 1
     if count == 0:
       raise ValueError("recalibration needs at least one batch")
