@@ -282,7 +282,8 @@ def make_recalibrate(config, model, wmap: nesting.WeightsMap, dataset: data.Data
                          workers=config.data_workers), put)
     if not keep:
       return stream
-    kept.extend(stream)
+    made = list(stream)  # kept only whole: a recalibration cut short keeps nothing
+    kept.extend(made)
     return iter(kept)
 
   def calibrated(state: steps.TrainState, subnets: Sequence[str] = SUBNETS) -> dict | None:
