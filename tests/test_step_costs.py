@@ -46,15 +46,14 @@ def _copies(compiled) -> int:
   return len(re.findall(r"= \S+ copy\(", entry))
 
 
-def test_the_base_step_writes_its_region_back_in_place_without_copying_the_moments():
-  """The moments' write-back waits for the update that reads them
-  (``nesting.write_after``); unordered, XLA copies every moment of a partly-base
-  leaf first (measured: 21 copies in this MLP's base step, 3 in its standalone base
-  step, 1 in order; for the ViT of conftest 107, 15 and 11)."""
+@pytest.fixture(scope="module")
+def mlp_base_steps():
+  """The conftest MLP's base step with AdamW and its standalone base's step, both
+  compiled as the default flags compile them (the program users run), and the
+  base's variables."""
   model, optimizer, batch = MODELS["mlp"](), optax.adamw(1e-2, weight_decay=0.1), make_batch()
   state = steps.create_train_state(model, optimizer, jax.random.key(0), batch["image"])
   wmap = nesting.weights_map(model, batch["image"], subnet="motivated")
-  # As the default flags compile it: the copies are the program users run.
   base = steps.make_train_steps(model, optimizer, wmap=wmap)["base"].lower(
       state, batch).compile(DEFAULT_COMPILER)
   variables = nesting.export(state.variables("base"), "base", wmap)
@@ -63,10 +62,21 @@ def test_the_base_step_writes_its_region_back_in_place_without_copying_the_momen
       lambda v, o, b: reference_step(model.standalone("base"), optimizer, v, o, b),
       donate_argnums=(0, 1)).lower(variables, optimizer.init(variables["params"]), batch).compile(
           DEFAULT_COMPILER)
+  return base, standalone, variables
+
+
+def test_the_base_step_writes_its_region_back_in_place_without_copying_the_moments(
+    mlp_base_steps):
+  """The moments' write-back waits for the update that reads them
+  (``nesting.write_after``); unordered, XLA copies every moment of a partly-base
+  leaf first (measured: 21 copies in this MLP's base step, 3 in its standalone base
+  step, 1 in order; for the ViT of conftest 107, 15 and 11)."""
+  base, standalone, _ = mlp_base_steps
   assert _copies(base) <= _copies(standalone), (_copies(base), _copies(standalone))
 
 
-def test_the_base_step_computes_the_moments_it_writes_in_place_without_copying_them():
+def test_the_base_step_computes_the_moments_it_writes_in_place_without_copying_them(
+    mlp_base_steps):
   """The moments' new values are computed from the moments read at the index
   they are written at (``steps.base_train_step``), so XLA updates them in
   place; from a static slice it copied every moment's base region out first:
@@ -74,17 +84,7 @@ def test_the_base_step_computes_the_moments_it_writes_in_place_without_copying_t
   temporaries than its standalone step (AdamW: mu and nu). What stays above
   the standalone step is at most the base's parameters once (the kernels the
   dots read, copied out of the larger ones)."""
-  model, optimizer, batch = MODELS["mlp"](), optax.adamw(1e-2, weight_decay=0.1), make_batch()
-  state = steps.create_train_state(model, optimizer, jax.random.key(0), batch["image"])
-  wmap = nesting.weights_map(model, batch["image"], subnet="motivated")
-  base = steps.make_train_steps(model, optimizer, wmap=wmap)["base"].lower(
-      state, batch).compile(DEFAULT_COMPILER)
-  variables = nesting.export(state.variables("base"), "base", wmap)
-  variables.setdefault("batch_stats", {})
-  standalone = jax.jit(
-      lambda v, o, b: reference_step(model.standalone("base"), optimizer, v, o, b),
-      donate_argnums=(0, 1)).lower(variables, optimizer.init(variables["params"]), batch).compile(
-          DEFAULT_COMPILER)
+  base, standalone, variables = mlp_base_steps
   base_bytes = sum(x.nbytes for x in jax.tree.leaves(variables["params"]))
   temp = {name: c.memory_analysis().temp_size_in_bytes
           for name, c in (("base", base), ("standalone", standalone))}
