@@ -32,6 +32,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
       rows.append({"what": f"whole run, base alone, warm compilation cache / plain loop "
                            f"({o['batches']} batches)", "value": o["warm_ratio"],
                    "target": "<= 1.3", "met": o["warm_ratio"] <= 1.3})
+      if "same_work_warm_ratio" in o:
+        rows.append({"what": "the same, the package doing the plain loop's work (no "
+                             "recalibration, one checkpoint)",
+                     "value": o["same_work_warm_ratio"], "target": "<= 1.3",
+                     "met": o["same_work_warm_ratio"] <= 1.3})
     per_kind = r["compiles"]["compiles_per_kind"]
     rows.append({"what": f"compiles per step kind, {label}, "
                          f"{r['compiles']['switches']} switches",

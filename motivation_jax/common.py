@@ -19,6 +19,12 @@ SUBNETS = ("base", "motivated")
 POLICIES = ("switch", "both", "joint")
 
 
+def format_flops(flops: float | None) -> str:
+  """A step's FLOPs for the end-of-run tables; "not compiled" for a step kind the
+  run's condition never picks (``Controller.kinds``)."""
+  return "not compiled" if flops is None else f"{flops:.3e}"
+
+
 def check_subnet(subnet: str) -> None:
   if subnet not in SUBNETS:
     raise ValueError(f"subnet must be 'base' or 'motivated', got {subnet!r}")

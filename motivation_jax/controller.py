@@ -93,7 +93,7 @@ import operator
 import random
 from typing import Any, Callable, Mapping
 
-from motivation_jax.common import POLICIES, check_keys
+from motivation_jax.common import POLICIES, SUBNETS, check_keys
 
 CONDITIONS: dict[str, type] = {}
 
@@ -137,6 +137,9 @@ class Condition:
   """Decides, from the losses seen so far, whether batch ``step`` is motivated."""
 
   name: str = ""
+  # True or False: ``evaluate`` gives that answer at every batch, whatever the
+  # losses (``Controller.kinds`` then tells a run which step kind never runs).
+  constant: bool | None = None
 
   def __init__(self) -> None:
     pass  # Explicit, so make_condition reads "no parameters" off the signature.
@@ -163,6 +166,7 @@ class Condition:
 
 @register_condition("never")
 class Never(Condition):
+  constant = False
 
   def evaluate(self, step: int) -> tuple[bool, float]:
     return False, 0.0
@@ -170,6 +174,7 @@ class Never(Condition):
 
 @register_condition("always")
 class Always(Condition):
+  constant = True
 
   def evaluate(self, step: int) -> tuple[bool, float]:
     return True, 1.0
@@ -382,6 +387,19 @@ class Controller:
   def missing_in_a_row(self) -> int:
     """How many of the last observed batches in a row had no loss."""
     return self._missing_in_a_row
+
+  def kinds(self) -> tuple[str, ...]:
+    """The step kinds ``next_kind`` can return over a whole run, in ``SUBNETS``
+    order: one only when no setting can ever give the other (condition
+    ``never``: the base; ``always`` with no warm-up, no cooldown and no cap
+    below 1: the motivated model), both otherwise. A run compiles only these."""
+    fires, c = self._condition.constant, self._config
+    if fires is False:  # no phase ever starts, so nothing else can pick "motivated"
+      return ("base",)
+    if (fires is True and c["warmup_steps"] == 0 and c["cooldown_steps"] == 0
+        and (c["max_fraction"] is None or c["max_fraction"] >= 1)):
+      return ("motivated",)
+    return SUBNETS
 
   def observe(self, step: int, loss: float | None) -> None:
     """Records the training loss of batch ``step`` (whichever network trained on it),

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from motivation_jax import files, models
+from motivation_jax.common import format_flops
 from motivation_jax.data import text
 from motivation_jax.errors import ConfigError, DataError
 
@@ -184,9 +185,11 @@ def schedule(config, steps_per_epoch: int) -> Schedule:
                   config.checkpoint_every_steps // period, "batch")
 
 
-def flops_per_token(flops_per_step: dict[str, float], tokens_per_step: int) -> dict[str, float]:
-  """Training FLOPs per token of each step kind, from XLA's counts per step."""
-  return {k: v / tokens_per_step for k, v in flops_per_step.items()}
+def flops_per_token(flops_per_step: dict[str, float | None], tokens_per_step: int
+                    ) -> dict[str, float | None]:
+  """Training FLOPs per token of each step kind, from XLA's counts per step
+  (None: a kind the run never compiled)."""
+  return {k: None if v is None else v / tokens_per_step for k, v in flops_per_step.items()}
 
 
 SUBNETS = ("base", "motivated")
@@ -229,8 +232,8 @@ def summary_table(summary: dict) -> tuple[str, list[tuple[str, str, str]], list[
       ("accuracy (per token)", *both(lambda s: f"{summary[f'{s}/test_accuracy']:.4f}")),
       ("parameters", *both(lambda s: f"{params[s]:,}")),
       ("train steps", f"{summary['base_steps']:,}", f"{summary['motivated_steps']:,}"),
-      ("training FLOPs per token", *both(lambda s: f"{per_token[s]:.3e}")),
-      ("FLOPs per step", *both(lambda s: f"{flops[s]:.3e}")),
+      ("training FLOPs per token", *both(lambda s: format_flops(per_token[s]))),
+      ("FLOPs per step", *both(lambda s: format_flops(flops[s]))),
   ]
   header = (f"{summary['dataset']} ({summary['tokenizer']}, context {summary['seq_len']}): "
             f"{summary['train_tokens']:,} training tokens, {summary['test_tokens']:,} held-out "

@@ -74,11 +74,13 @@ class Run:
   train_data: data.TrainBatches
   eval_data: data.EvalBatches
   put: Callable[[Any], Any]        # a host batch -> the global batch on the devices
-  train_steps: dict[str, Any]      # "base" | "motivated" -> compiled step
+  # "base" | "motivated" -> compiled step, or NotCompiled (a kind never picked)
+  train_steps: dict[str, Any]
   eval_steps: dict[str, Callable]  # "base" | "motivated" -> jitted eval step
   # (state, subnets) -> {subnet: stats} recalibrated, or None (off, or no batch norm)
   recalibrate: Callable[..., dict | None]
-  flops: dict[str, float]          # per train step, all devices together, from XLA
+  # Per train step, all devices together, from XLA; None for a kind not compiled.
+  flops: dict[str, float | None]
   ckpt: checkpoint.Checkpointer
   writer: MetricWriter
   workdir: str
@@ -220,13 +222,17 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, held
     cut_jsonl(files.join(workdir, "decisions.jsonl"), keep_below=first_step)
     cut_jsonl(files.join(workdir, "metrics.jsonl"), keep_below=first_step + 1)
 
-  # Compile both step kinds up front, from the batches' declared shapes, for
-  # the state in the order its layout stores (docs/sharding.md, "Storage order").
+  # Compile the step kinds the controller can pick (both, unless its condition
+  # is constant: ``Controller.kinds``) up front, from the batches' declared
+  # shapes, for the state in the order its layout stores (docs/sharding.md,
+  # "Storage order").
   batch_spec = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
                 for name, (shape, dtype) in train_data.global_shapes().items()}
   stored = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                         state).replace(order=steps.stored_order(state_sharding, wmap))
-  compiled = {kind: fn.lower(stored, batch_spec).compile() for kind, fn in train_steps.items()}
+  kinds = controller.kinds()
+  compiled = {kind: (train_steps[kind].lower(stored, batch_spec).compile() if kind in kinds
+                     else NotCompiled(kind, controller.condition.name)) for kind in SUBNETS}
   put = functools.partial(sharding.global_batch, sharding=batch_sharding)
   run = Run(config=config, dataset=dataset, wmap=wmap, controller=controller,
             train_data=train_data, eval_data=eval_data,
@@ -236,7 +242,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, held
                          if task is tasks.CLASSIFICATION else lambda state, subnets=SUBNETS: None),
             # XLA counts one device's share of the partitioned program: times the
             # devices, the FLOPs every device executed together.
-            flops={kind: steps.compiled_flops(c) * mesh.size for kind, c in compiled.items()},
+            # None: a kind this run never runs, so never compiled.
+            flops={kind: steps.compiled_flops(c) * mesh.size if kind in kinds else None
+                   for kind, c in compiled.items()},
             ckpt=ckpt, writer=MetricWriter(workdir, enabled=chief, first_step=first_step),
             workdir=workdir, chief=chief, first_step=first_step,
             order=steps.make_order_converters(optimizer, wmap=wmap,
@@ -245,6 +253,19 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, held
             nesting=model.describe() if hasattr(model, "describe") else None,
             task=task, schedule=schedule)
   return run, state
+
+
+@dataclasses.dataclass(frozen=True)
+class NotCompiled:
+  """``Run.train_steps``'s entry for a step kind the run's condition never picks
+  (``Controller.kinds``): compiling it would cost the start-up its trace, its
+  compile or cache read, and nothing else. Called anyway, it says so in one line."""
+  kind: str
+  condition: str
+
+  def __call__(self, *args, **kwargs):
+    raise RuntimeError(f"the {self.kind} step was not compiled: condition "
+                       f"{self.condition!r} never picks it (Controller.kinds)")
 
 
 # Calibration batches of at most this many bytes in all stay on the devices

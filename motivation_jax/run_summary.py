@@ -10,6 +10,7 @@ from typing import Any
 import jax
 
 from motivation_jax import compilation, lm, tasks
+from motivation_jax.common import format_flops
 from motivation_jax.run_setup import Run
 
 
@@ -18,8 +19,15 @@ def summarize(run: Run, eval_metrics: dict[str, float], wall_time_s: float) -> d
   counts, flops = run.controller.counts, run.flops
   # Under policies "both" and "joint" the compiled motivated step includes a
   # base step (joint: the base's forward and backward, one update of the sum).
-  motivated_only_flops = flops["motivated"] - (
-      flops["base"] if run.config.motivation.policy in ("both", "joint") else 0.0)
+  # A kind the run never picks was not compiled (its FLOPs None): what needs
+  # its count is None too, what multiplies it by zero batches is not.
+  if flops["motivated"] is None or (flops["base"] is None
+                                    and run.config.motivation.policy in ("both", "joint")):
+    motivated_only_flops = None
+  else:
+    motivated_only_flops = flops["motivated"] - (
+        flops["base"] if run.config.motivation.policy in ("both", "joint") else 0.0)
+  total = counts["base"] + counts["motivated"]
   return {
       "dataset": run.dataset.name,
       "train_examples": len(run.dataset.train),
@@ -37,9 +45,11 @@ def summarize(run: Run, eval_metrics: dict[str, float], wall_time_s: float) -> d
       "params": {"base": run.wmap.num_params("base"),
                  "motivated": run.wmap.num_params("motivated")},
       "flops_per_step": flops,
-      "training_flops": counts["base"] * flops["base"] + counts["motivated"] * flops["motivated"],
-      # What training the motivated (large) model alone on every batch costs.
-      "large_alone_flops": (counts["base"] + counts["motivated"]) * motivated_only_flops,
+      "training_flops": sum(counts[k] * flops[k] for k in flops if counts[k]),
+      # What training the motivated (large) model alone on every batch costs
+      # (None: the run never compiled the motivated step, condition "never").
+      "large_alone_flops": (total * motivated_only_flops if motivated_only_flops is not None
+                            else None),
       "wall_time_s": wall_time_s,
       "resumed_from_step": run.first_step,
       # 0 when the test accuracies use the running averages (no batch norm, or off).
@@ -58,7 +68,6 @@ def summarize(run: Run, eval_metrics: dict[str, float], wall_time_s: float) -> d
 def format_summary(summary: dict[str, Any]) -> str:
   """The summary as a small table for the terminal."""
   flops, params = summary["flops_per_step"], summary["params"]
-  ratio = summary["training_flops"] / summary["large_alone_flops"]
   if summary.get("task") == "causal_lm":  # held-out bits per byte, FLOPs per token, tokens/s
     header, rows, extra = lm.summary_table(summary)
   else:
@@ -69,16 +78,21 @@ def format_summary(summary: dict[str, Any]) -> str:
          f"{summary['motivated/test_accuracy']:.4f}"),
         ("parameters", f"{params['base']:,}", f"{params['motivated']:,}"),
         ("train steps", f"{summary['base_steps']:,}", f"{summary['motivated_steps']:,}"),
-        ("FLOPs per step", f"{flops['base']:.3e}", f"{flops['motivated']:.3e}"),
+        ("FLOPs per step", *(format_flops(flops[k]) for k in ("base", "motivated"))),
     ]
     extra = []
   rows = [("", "base", "motivated"), *rows]
   width = max(len(r[0]) for r in rows)
   lines = [header] + [f"{a:<{width}}  {b:>14}  {c:>14}" for a, b, c in rows]
+  large = summary["large_alone_flops"]
   lines += [
       f"activations of the motivated model: {summary['activations']:,}",
-      f"training FLOPs: {summary['training_flops']:.3e} = {ratio:.1%} of training the "
-      f"motivated model alone on every batch ({summary['large_alone_flops']:.3e})",
+      f"training FLOPs: {summary['training_flops']:.3e}" + (
+          f" = {summary['training_flops'] / large:.1%} of training the motivated model "
+          f"alone on every batch ({large:.3e})" if large else
+          f" (against the motivated model alone: not known, this run's condition never "
+          f"picks its {' or '.join(k for k, v in flops.items() if v is None)} step, which "
+          "it did not compile)"),
       *extra,
       f"wall time: {summary['wall_time_s']:.1f} s",
   ]

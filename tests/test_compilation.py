@@ -120,3 +120,29 @@ def test_a_second_run_in_a_fresh_process_compiles_nothing(own_cache, tmp_path):
   assert second["programs"] == first["programs"]
   assert not (tmp_path / "unused").exists()
   assert f"programs: 0 compiled (0.0 s), {first['compiled']} read from the cache" in out
+
+
+@pytest.mark.parametrize("condition, never_picked", [("never", "motivated"),
+                                                     ("always", "base")])
+def test_a_run_compiles_no_step_its_condition_never_picks(tmp_path, condition, never_picked):
+  """``never`` trains the base alone, ``always`` (no warm-up, cooldown or cap)
+  the motivated model alone: the other step kind is neither traced nor compiled
+  (``Controller.kinds``), its FLOPs are None and the summary says so; both
+  sub-networks are still evaluated at the end."""
+  with compilation.CompileLog() as log:  # counts traces too: cached programs are traced
+    summary = train.train_and_evaluate(
+        tiny_config(**{"motivation.condition": condition}), str(tmp_path))
+  picked = "base" if never_picked == "motivated" else "motivated"
+  assert f"jit({never_picked}_train_step)" not in log.programs, log.programs
+  assert log.programs.get(f"jit({picked}_train_step)") == 1, log.programs
+  assert summary["flops_per_step"][never_picked] is None
+  assert summary[f"{never_picked}_steps"] == 0 and summary[f"{picked}_steps"] > 0
+  assert summary["training_flops"] == summary[f"{picked}_steps"] * summary["flops_per_step"][picked]
+  assert {"base/test_accuracy", "motivated/test_accuracy"} <= set(summary)
+  table = train.format_summary(summary)
+  assert "not compiled" in table
+  if never_picked == "motivated":
+    assert summary["large_alone_flops"] is None
+    assert "never picks its motivated step, which it did not compile" in table
+  else:
+    assert summary["large_alone_flops"] == summary["training_flops"]

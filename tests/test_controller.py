@@ -158,6 +158,31 @@ def test_never_always_every_n():
   assert all(make_condition("every_n", n=1).evaluate(t)[0] for t in range(5))
 
 
+@pytest.mark.parametrize("name, settings, kinds", [
+    ("never", {}, ("base",)),
+    ("never", {"phase_steps": 4, "warmup_steps": 2, "max_fraction": 0.5}, ("base",)),
+    ("always", {"phase_steps": 3}, ("motivated",)),
+    ("always", {"max_fraction": 1.0}, ("motivated",)),
+    ("always", {"warmup_steps": 2}, ("base", "motivated")),
+    ("always", {"cooldown_steps": 1}, ("base", "motivated")),
+    ("always", {"max_fraction": 0.5}, ("base", "motivated")),
+    ("every_n", {"n": 3}, ("base", "motivated")),
+    ("loss_streak", {}, ("base", "motivated")),
+])
+def test_kinds_are_what_the_controller_can_pick(name, settings, kinds):
+  """A run compiles only ``kinds()`` (run_setup): each kind it leaves out must
+  never come out of ``next_kind``, and a kind it keeps must be pickable."""
+  settings = dict(settings)
+  params = {k: settings.pop(k) for k in ("n",) if k in settings}
+  c = Controller(make_condition(name, **params), **settings)
+  assert c.kinds() == kinds
+  picked = set()
+  for t in range(60):
+    picked.add(c.next_kind())
+    c.observe(t, 1.0 / (t + 1))  # falling: loss_streak fires
+  assert picked == set(kinds)
+
+
 def test_replay_fires_exactly_at_the_given_indices():
   indices = [17, 3, 4, 40, 3]
   replay = make_condition("replay", indices=indices)
