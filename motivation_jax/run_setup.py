@@ -9,6 +9,7 @@ state from the workdir's latest checkpoint (``resuming``) if there is one.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 from typing import Any, Callable, Sequence
@@ -199,10 +200,10 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, held
   sample = _sample(config, dataset)
   # The state's layout from its shapes alone (no FLOPs): replicated, or with
   # mesh.fsdp > 1 split by the fsdp rule; then the state is created in it.
+  abstract = steps.abstract_train_state(model, optimizer, sample,
+                                        batch_norm_stats=config.model.batch_norm_stats)
   state_sharding = sharding.train_state_sharding(
-      steps.abstract_train_state(model, optimizer, sample,
-                                 batch_norm_stats=config.model.batch_norm_stats),
-      mesh, min_bytes=config.mesh.fsdp_min_mib * 2**20)
+      abstract, mesh, min_bytes=config.mesh.fsdp_min_mib * 2**20)
   # Host batches carry uint8 images; the steps normalise them on the device.
   normalisation = (dataset.mean, dataset.std) if task is tasks.CLASSIFICATION else None
   train_steps = steps.make_train_steps(model, optimizer, wmap=wmap,
@@ -211,28 +212,35 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, held
                                        batch_sharding=batch_sharding,
                                        normalisation=normalisation, seed=config.seed,
                                        task=task)
-  state = steps.create_train_state(
-      model, optimizer, config.seed, sample,  # the key is made in its program
-      batch_norm_stats=config.model.batch_norm_stats,
-      extension_init=config.model.extension_init, state_sharding=state_sharding)
-  ckpt = checkpoint.Checkpointer(files.join(workdir, "checkpoints"))
-  state, first_step, log_interval = resume(ckpt, state, controller, train_data, config=config)
-  chief = jax.process_index() == 0
-  if chief:  # what a killed process wrote after the checkpoint is written again
-    cut_jsonl(files.join(workdir, "decisions.jsonl"), keep_below=first_step)
-    cut_jsonl(files.join(workdir, "metrics.jsonl"), keep_below=first_step + 1)
-
-  # Compile the step kinds the controller can pick (both, unless its condition
-  # is constant: ``Controller.kinds``) up front, from the batches' declared
-  # shapes, for the state in the order its layout stores (docs/sharding.md,
-  # "Storage order").
+  # The step kinds the controller can pick (both, unless its condition is
+  # constant: ``Controller.kinds``) are lowered up front, from the batches'
+  # declared shapes and the state's (the abstract state in its layout, in the
+  # order that layout stores: docs/sharding.md, "Storage order"); XLA compiles
+  # them, or reads them from the cache, in threads while this one makes or
+  # restores the state (neither needs the other; XLA does not hold Python's lock).
   batch_spec = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
                 for name, (shape, dtype) in train_data.global_shapes().items()}
-  stored = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                        state).replace(order=steps.stored_order(state_sharding, wmap))
+  stored = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, state_sharding
+                        ).replace(order=steps.stored_order(state_sharding, wmap))
   kinds = controller.kinds()
-  compiled = {kind: (train_steps[kind].lower(stored, batch_spec).compile() if kind in kinds
-                     else NotCompiled(kind, controller.condition.name)) for kind in SUBNETS}
+  lowered = {kind: train_steps[kind].lower(stored, batch_spec) for kind in kinds}
+  with concurrent.futures.ThreadPoolExecutor(len(lowered), "compile") as pool:
+    compiling = {kind: pool.submit(lowered[kind].compile) for kind in kinds}
+    state = steps.create_train_state(
+        model, optimizer, config.seed, sample,  # the key is made in its program
+        batch_norm_stats=config.model.batch_norm_stats,
+        extension_init=config.model.extension_init, state_sharding=state_sharding)
+    ckpt = checkpoint.Checkpointer(files.join(workdir, "checkpoints"))
+    state, first_step, log_interval = resume(ckpt, state, controller, train_data,
+                                             config=config)
+    chief = jax.process_index() == 0
+    if chief:  # what a killed process wrote after the checkpoint is written again
+      cut_jsonl(files.join(workdir, "decisions.jsonl"), keep_below=first_step)
+      cut_jsonl(files.join(workdir, "metrics.jsonl"), keep_below=first_step + 1)
+    compiled = {kind: compiling[kind].result() if kind in kinds
+                else NotCompiled(kind, controller.condition.name) for kind in SUBNETS}
+  _check_compiled_for(state, stored)
   put = functools.partial(sharding.global_batch, sharding=batch_sharding)
   run = Run(config=config, dataset=dataset, wmap=wmap, controller=controller,
             train_data=train_data, eval_data=eval_data,
@@ -253,6 +261,19 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, held
             nesting=model.describe() if hasattr(model, "describe") else None,
             task=task, schedule=schedule)
   return run, state
+
+
+def _check_compiled_for(state: steps.TrainState, spec: steps.TrainState) -> None:
+  """The steps were compiled for ``spec`` (the abstract state in its layout),
+  before ``state`` was made or restored: a leaf of another shape, dtype or
+  layout would be refused at the first step, deep in JAX; say it here."""
+  for (path, leaf), want in zip(jax.tree_util.tree_leaves_with_path(state),
+                                jax.tree.leaves(spec)):
+    if (leaf.shape, leaf.dtype, leaf.sharding) != (want.shape, want.dtype, want.sharding):
+      raise RuntimeError(
+          f"the train state's {jax.tree_util.keystr(path)} is {leaf.dtype}{list(leaf.shape)} "
+          f"laid out as {leaf.sharding}, but the steps were compiled for "
+          f"{want.dtype}{list(want.shape)} laid out as {want.sharding}")
 
 
 @dataclasses.dataclass(frozen=True)
