@@ -1,7 +1,7 @@
 r"""Item 7 of the harness alone: the whole-run overhead, cold and warm compilation cache.
 
   python -m benchmarks.whole_run_overhead [--config=configs/default.py] [--quick] \
-      [--out=benchmarks/results/whole_run_overhead_BACKEND]
+      [--repeats=N] [--out=benchmarks/results/whole_run_overhead_BACKEND]
 
 ``measure_overhead`` (``python -m benchmarks.run`` measures it too, after
 items 1-5, and renders it with ``overhead_markdown``): ``train_and_evaluate``
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -104,9 +105,10 @@ def measure_overhead(config, mode: Mode, workdir: str) -> dict[str, Any]:
   for variant in PACKAGE_SETTINGS:
     prefix = "" if variant == "package" else f"{variant}_"
     for temperature in ("cold", "warm"):
-      out[f"{prefix}{temperature}_ratio"] = median(
-          times[f"{variant} {temperature}"][i] / times[f"plain {temperature}"][i]
-          for i in trials)
+      ratios = [times[f"{variant} {temperature}"][i] / times[f"plain {temperature}"][i]
+                for i in trials]
+      out[f"{prefix}{temperature}_ratio"] = median(ratios)
+      out[f"{prefix}{temperature}_ratios"] = ratios  # each trial's, in trial order
   return out
 
 
@@ -132,14 +134,17 @@ def overhead_markdown(o: dict[str, Any]) -> list[str]:
                  f"{o['wall_time_s'][f'{variant} warm']:.1f} | {cold['compiled']} | "
                  f"{cold['compile_s']:.1f} | {warm['from_cache']} | "
                  f"{warm['cache_read_s']:.2f} | {o['test_accuracy'][variant]:.4f} |")
-  lines += ["", f"Package / plain loop: cold {o['cold_ratio']:.2f}, warm "
-                f"{o['warm_ratio']:.2f}."]
+  spread = lambda key: (f" (trials {', '.join(f'{r:.2f}' for r in o[key])})"
+                        if len(o.get(key, ())) > 1 else "")
+  lines += ["", f"Package / plain loop: cold {o['cold_ratio']:.2f}{spread('cold_ratios')}, "
+                f"warm {o['warm_ratio']:.2f}{spread('warm_ratios')}."]
   if "same_work_warm_ratio" in o:
     lines += ["", "`same_work`: the package doing the plain loop's work, no batch-norm "
               "recalibration (`bn_recalibration_batches=0`) and one checkpoint, the last "
               "(`checkpoint_every_epochs` = the run's epochs); it still evaluates the "
               "motivated model once, at the end. Same work / plain loop: cold "
-              f"{o['same_work_cold_ratio']:.2f}, warm {o['same_work_warm_ratio']:.2f}."]
+              f"{o['same_work_cold_ratio']:.2f}{spread('same_work_cold_ratios')}, warm "
+              f"{o['same_work_warm_ratio']:.2f}{spread('same_work_warm_ratios')}."]
   return lines
 
 
@@ -149,9 +154,15 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--config", default="configs/default.py")
   parser.add_argument("--quick", action="store_true", help="5 epochs, one trial")
   parser.add_argument("--out", default=None)
+  parser.add_argument("--repeats", type=int, default=None,
+                      help="interleaved trials (default: the mode's, 2 in full mode)")
   parser.add_argument("--note", default="", help="a sentence added to the markdown")
   args = parser.parse_args(argv)
   mode = MODES["quick" if args.quick else "full"]
+  if args.repeats is not None:
+    if args.repeats < 1:
+      parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    mode = dataclasses.replace(mode, whole_run_repeats=args.repeats)
   out = args.out or os.path.join(RESULTS, f"whole_run_overhead_{jax.default_backend()}")
   start, load_before = time.perf_counter(), load_average()
   with tempfile.TemporaryDirectory() as workdir:
