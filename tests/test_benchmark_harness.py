@@ -55,6 +55,11 @@ def test_the_harness_counts_one_compile_per_kind_and_writes_its_files(tmp_path):
   assert not overhead["cold_is_cold"] and overhead["warm_ratio"] > 0
   assert overhead["compilation"]["package warm"]["compiled"] == 0
   assert overhead["compilation"]["plain warm"]["compiled"] == 0
+  # ... and the package doing the plain loop's work (no recalibration, one checkpoint).
+  assert overhead["compilation"]["same_work warm"]["compiled"] == 0
+  assert overhead["compilation"]["same_work warm"]["from_cache"] > 0
+  assert overhead["same_work_warm_ratio"] > 0 and len(overhead["same_work_warm_ratios"]) == 1
+  assert "| the same, the package doing the plain loop's work" in markdown
   assert "| whole run, base alone, warm compilation cache / plain loop" in markdown
   # A user's own module, paired: its base step against the small module's own.
   assert recorded["paired"]["ratio"] > 0 and recorded["paired"]["target"] == 1.05
