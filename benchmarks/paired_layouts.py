@@ -7,7 +7,7 @@ Plain JAX + flax.linen + optax; nothing from motivation_jax.  The MLP is a copy 
 examples/byom_models.py:MLP (Dense -> BatchNorm -> relu -> Dropout per hidden layer).
 
   taskset -c 1 python -m benchmarks.paired_layouts [--large=264,136] [--trials=9]
-      [--steps=200] [--only=...] [--check] [--guard=ordered|plain]
+      [--steps=200] [--only=...] [--check] [--guard=ordered|plain] [--passthrough]
 
 Variants (all jitted, variables and optimizer state donated, finite guard
 ``jnp.where(ok, new, old)`` on every leaf the step writes):
@@ -484,6 +484,31 @@ def time_variants(large_widths, trials=9, steps=200, only=None):
               1e6 * min(times[n])) for n in names}
 
 
+def passthrough_us(n_extra: int, returned: bool = True, reps: int = 2000) -> float:
+  """Host time of a jitted call that hands ``n_extra`` small donated arrays
+  through untouched (``returned``) or takes them unused, less the same call
+  without them: what the untouched blocks cost a base step over the whole state."""
+  def bench(n):
+    a = jnp.ones((64, 256))
+    extra = [jnp.ones((8,)) + i for i in range(n)]
+    if returned:
+      f = jax.jit(lambda a, e: (a * 1.0001, e), donate_argnums=(0, 1))
+    else:
+      f = jax.jit(lambda a, e: a * 1.0001, donate_argnums=(0,))
+    ts = []
+    for trial in range(8):  # the first warms up
+      t0 = time.perf_counter()
+      for _ in range(reps if trial else 50):
+        if returned:
+          a, extra = f(a, extra)
+        else:
+          a = f(a, extra)
+      a.block_until_ready()
+      ts.append((time.perf_counter() - t0) / reps * 1e6)
+    return statistics.median(ts[1:])
+  return bench(n_extra) - bench(0)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--large", default="264,136")
@@ -493,7 +518,14 @@ def main():
   ap.add_argument("--check", action="store_true")
   ap.add_argument("--guard", default="ordered", choices=("ordered", "plain"))
   ap.add_argument("--hlo", default=None, help="dump compiled HLO of this variant")
+  ap.add_argument("--passthrough", action="store_true",
+                  help="only the host cost of handing untouched arrays through a call")
   args = ap.parse_args()
+  if args.passthrough:
+    for n in (17, 34, 68):
+      print(f"{n} untouched arrays: {passthrough_us(n):.1f} us handed through, "
+            f"{passthrough_us(n, returned=False):.1f} us taken unused")
+    return
   lw = tuple(int(w) for w in args.large.split(","))
   global GUARD
   GUARD = args.guard
