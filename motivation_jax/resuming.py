@@ -54,21 +54,22 @@ def check_resumed_config(saved: dict | None, config: ml_collections.ConfigDict,
   return [k for k in changed if safe(k)]
 
 
-def resume(ckpt: checkpoint.Checkpointer, state: steps.TrainState, controller: Controller,
-           train_data: data.TrainBatches, *, config: ml_collections.ConfigDict | None = None
-           ) -> tuple[steps.TrainState, int, dict]:
+def resume(ckpt: checkpoint.Checkpointer, abstract_state: steps.TrainState,
+           controller: Controller, train_data: data.TrainBatches, *,
+           config: ml_collections.ConfigDict | None = None
+           ) -> tuple[steps.TrainState | None, int, dict]:
   """``(state, first batch, log interval)`` from the newest intact checkpoint
-  (``Checkpointer.restore`` moves damaged ones aside), or ``(state, 0, {})``
-  without one.
+  (``Checkpointer.restore`` moves damaged ones aside), or ``(None, 0, {})``
+  without one. ``abstract_state``: the state's shapes, dtypes and shardings
+  (``jax.ShapeDtypeStruct`` leaves), as the run lays the state out.
 
-  The order matters: the state is restored into the shapes and shardings of
-  ``state``, then the controller state (which refuses another motivation
-  config), then the data position (which refuses other batches).
+  The order matters: the state is restored into ``abstract_state``, then the
+  controller state (which refuses another motivation config), then the data
+  position (which refuses other batches).
   """
-  restored = ckpt.restore(jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+  restored = ckpt.restore(abstract_state)
   if restored is None:
-    return state, 0, {}
+    return None, 0, {}
   state, controller_state, position, step, log_interval = restored
   if config is not None:
     saved_config, _, _ = ckpt.restore_description(step)

@@ -212,34 +212,42 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, held
                                        batch_sharding=batch_sharding,
                                        normalisation=normalisation, seed=config.seed,
                                        task=task)
+  # A checkpoint in the workdir is restored (into the abstract state's shapes
+  # and layout) and its config checked before anything compiles, so that a
+  # config that cannot resume is refused at once; a resumed run makes no
+  # initial state.
+  placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, state_sharding)
+  ckpt = checkpoint.Checkpointer(files.join(workdir, "checkpoints"))
+  state, first_step, log_interval = resume(ckpt, placed, controller, train_data,
+                                           config=config)
+  chief = jax.process_index() == 0
+  if chief:  # what a killed process wrote after the checkpoint is written again
+    cut_jsonl(files.join(workdir, "decisions.jsonl"), keep_below=first_step)
+    cut_jsonl(files.join(workdir, "metrics.jsonl"), keep_below=first_step + 1)
   # The step kinds the controller can pick (both, unless its condition is
   # constant: ``Controller.kinds``) are lowered up front, from the batches'
-  # declared shapes and the state's (the abstract state in its layout, in the
-  # order that layout stores: docs/sharding.md, "Storage order"); XLA compiles
-  # them, or reads them from the cache, in threads while this one makes or
-  # restores the state (neither needs the other; XLA does not hold Python's lock).
+  # declared shapes and the state's (in the order its layout stores:
+  # docs/sharding.md, "Storage order"); XLA compiles them, or reads them from
+  # the cache, in threads (it does not hold Python's lock) while this one makes
+  # a new run's initial state.
   batch_spec = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
                 for name, (shape, dtype) in train_data.global_shapes().items()}
-  stored = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract, state_sharding
-                        ).replace(order=steps.stored_order(state_sharding, wmap))
+  stored = placed.replace(order=steps.stored_order(state_sharding, wmap))
   kinds = controller.kinds()
   lowered = {kind: train_steps[kind].lower(stored, batch_spec) for kind in kinds}
-  with concurrent.futures.ThreadPoolExecutor(len(lowered), "compile") as pool:
+  pool = concurrent.futures.ThreadPoolExecutor(len(lowered), "compile")
+  try:
     compiling = {kind: pool.submit(lowered[kind].compile) for kind in kinds}
-    state = steps.create_train_state(
-        model, optimizer, config.seed, sample,  # the key is made in its program
-        batch_norm_stats=config.model.batch_norm_stats,
-        extension_init=config.model.extension_init, state_sharding=state_sharding)
-    ckpt = checkpoint.Checkpointer(files.join(workdir, "checkpoints"))
-    state, first_step, log_interval = resume(ckpt, state, controller, train_data,
-                                             config=config)
-    chief = jax.process_index() == 0
-    if chief:  # what a killed process wrote after the checkpoint is written again
-      cut_jsonl(files.join(workdir, "decisions.jsonl"), keep_below=first_step)
-      cut_jsonl(files.join(workdir, "metrics.jsonl"), keep_below=first_step + 1)
+    if state is None:  # a new run
+      state = steps.create_train_state(
+          model, optimizer, config.seed, sample,  # the key is made in its program
+          batch_norm_stats=config.model.batch_norm_stats,
+          extension_init=config.model.extension_init, state_sharding=state_sharding)
     compiled = {kind: compiling[kind].result() if kind in kinds
                 else NotCompiled(kind, controller.condition.name) for kind in SUBNETS}
+  finally:  # an error above is raised now, not after the compiles it no longer needs
+    pool.shutdown(wait=False, cancel_futures=True)
   _check_compiled_for(state, stored)
   put = functools.partial(sharding.global_batch, sharding=batch_sharding)
   run = Run(config=config, dataset=dataset, wmap=wmap, controller=controller,

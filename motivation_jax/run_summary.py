@@ -45,9 +45,9 @@ def summarize(run: Run, eval_metrics: dict[str, float], wall_time_s: float) -> d
       "params": {"base": run.wmap.num_params("base"),
                  "motivated": run.wmap.num_params("motivated")},
       "flops_per_step": flops,
-      "training_flops": sum(counts[k] * flops[k] for k in flops if counts[k]),
+      "training_flops": float(sum(counts[k] * flops[k] for k in flops if counts[k])),
       # What training the motivated (large) model alone on every batch costs
-      # (None: the run never compiled the motivated step, condition "never").
+      # (None: the run did not compile a step it needs, Controller.kinds).
       "large_alone_flops": (total * motivated_only_flops if motivated_only_flops is not None
                             else None),
       "wall_time_s": wall_time_s,
@@ -89,7 +89,7 @@ def format_summary(summary: dict[str, Any]) -> str:
       f"activations of the motivated model: {summary['activations']:,}",
       f"training FLOPs: {summary['training_flops']:.3e}" + (
           f" = {summary['training_flops'] / large:.1%} of training the motivated model "
-          f"alone on every batch ({large:.3e})" if large else
+          f"alone on every batch ({large:.3e})" if large is not None else
           f" (against the motivated model alone: not known, this run's condition never "
           f"picks its {' or '.join(k for k, v in flops.items() if v is None)} step, which "
           "it did not compile)"),
