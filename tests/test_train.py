@@ -114,6 +114,9 @@ def test_a_run_resumed_from_a_checkpoint_ends_bit_identical(tmp_path):
     f.writelines(kept)
   again = train.train_and_evaluate(config, resumed)
   assert again["resumed_from_step"] == 22
+  # The state came from the checkpoint: no initial state was made (nor compiled).
+  assert "jit(create_train_state)" not in again["compilation"]["programs"]
+  assert again["compilation"]["programs"]["jit(base_train_step)"] == 1
   assert "(this process, resumed at batch 22)" in train.format_summary(again)
   assert again["motivated_steps"] == summary["motivated_steps"]
   jax.tree.map(np.testing.assert_array_equal, _restore(straight), _restore(resumed))
