@@ -129,7 +129,7 @@ def test_a_run_compiles_no_step_its_condition_never_picks(tmp_path, condition, n
   the motivated model alone: the other step kind is neither traced nor compiled
   (``Controller.kinds``), its FLOPs are None and the summary says so; both
   sub-networks are still evaluated at the end."""
-  with compilation.CompileLog() as log:  # counts traces too: cached programs are traced
+  with compilation.CompileLog() as log:  # a program read from the cache counts too
     summary = train.train_and_evaluate(
         tiny_config(**{"motivation.condition": condition}), str(tmp_path))
   picked = "base" if never_picked == "motivated" else "motivated"
