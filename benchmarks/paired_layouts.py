@@ -3,7 +3,7 @@ r"""Issue 25's question, outside the package: which storage layout of the shared
 the small module alone? (benchmarks/results/paired_step_scaling_cpu.md has the
 answers measured on a CPU.)
 
-Plain JAX + flax.linen + optax; nothing from motivation_jax.  The MLP is a copy of
+Plain JAX + flax.linen + optax; nothing from motivation_jax.  The MLP is
 examples/byom_models.py:MLP (Dense -> BatchNorm -> relu -> Dropout per hidden layer).
 
   taskset -c 1 python -m benchmarks.paired_layouts [--large=264,136] [--trials=9]
@@ -33,31 +33,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
 
+from examples.byom_models import MLP
+
 SMALL = (256, 128)
-
-
-class MLP(nn.Module):
-  widths: Sequence[int]
-  num_classes: int = 10
-  dropout: float = 0.1
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    x = x.reshape((x.shape[0], -1))
-    for i, width in enumerate(self.widths):
-      x = nn.Dense(width, name=f"hidden_{i}")(x)
-      x = nn.BatchNorm(use_running_average=not train, name=f"bn_{i}")(x)
-      x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(x))
-    return nn.Dense(self.num_classes, name="head")(x)
 
 
 # ----------------------------------------------------------------------------- layouts
