@@ -146,3 +146,48 @@ def test_a_run_compiles_no_step_its_condition_never_picks(tmp_path, condition, n
     assert "never picks its motivated step, which it did not compile" in table
   else:
     assert summary["large_alone_flops"] == summary["training_flops"]
+
+
+def test_a_run_leaves_older_objects_out_of_garbage_collections_and_gives_them_back(
+    tmp_path, monkeypatch):
+  import gc
+  assert gc.get_freeze_count() == 0 and gc.isenabled()  # as a fresh process starts
+  seen = {}
+
+  def setup(config, workdir):  # the run's first step: what the collector sees then
+    seen["frozen"] = gc.get_freeze_count()
+    raise RuntimeError("stop here")
+  monkeypatch.setattr(train, "setup", setup)
+  with pytest.raises(RuntimeError, match="stop here"):
+    train.train_and_evaluate(tiny_config(), str(tmp_path / "run"))
+  assert seen["frozen"] > 1000  # the imported modules' objects, at least
+  assert gc.get_freeze_count() == 0  # given back, after an error too
+
+  # Overlapping runs (threads of one process) give them back when the last
+  # ends. (An object freed while frozen leaves the count: it only falls.)
+  with train.older_objects_frozen():
+    first = gc.get_freeze_count()
+    made = [[] for _ in range(10_000)]  # noqa: F841  (tracked objects, alive)
+    with train.older_objects_frozen():
+      assert 0 < gc.get_freeze_count() <= first  # not frozen again
+    assert gc.get_freeze_count() > 0  # the first run still holds them
+  assert gc.get_freeze_count() == 0
+
+
+def test_a_process_that_manages_its_collector_is_left_alone():
+  import gc
+  gc.freeze()  # the caller's own: a run neither adds to it nor gives it back
+  try:
+    frozen = gc.get_freeze_count()
+    made = [[] for _ in range(10_000)]  # noqa: F841
+    with train.older_objects_frozen():
+      assert gc.get_freeze_count() <= frozen
+    assert gc.get_freeze_count() > 0
+  finally:
+    gc.unfreeze()
+  gc.disable()
+  try:
+    with train.older_objects_frozen():
+      assert gc.get_freeze_count() == 0
+  finally:
+    gc.enable()
