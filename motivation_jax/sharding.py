@@ -162,8 +162,14 @@ def global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
   """The global batch from this process's share (a pytree of numpy arrays).
 
   Every process passes its own share, in process order; the result is one
-  ``jax.Array`` per leaf, ``process_count`` times the local batch long.
+  ``jax.Array`` per leaf, ``process_count`` times the local batch long. In one
+  process that is one ``device_put`` of the tree, which is what
+  ``make_array_from_process_local_data`` does there too, after checks that
+  cost more than the copy (a digits batch on a 2-core CPU: 215-235 µs of host
+  time, against 304-393 µs through it, per leaf or for the whole tree).
   """
+  if jax.process_count() == 1:
+    return jax.device_put(local_batch, sharding)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
