@@ -46,9 +46,9 @@ from motivation_jax.saving import save
 # looks up PendingMetrics, evaluate_and_log and save in this module, so a
 # harness that replaces ``train.save`` (benchmarks/run.py's ``loop_only``)
 # replaces what the loop calls; that is why the loop lives here.
-__all__ = ["train_and_evaluate", "train", "setup", "Run", "build", "check_config",
-           "check_workdir", "SAFE_TO_CHANGE_ON_RESUME", "PendingMetrics", "evaluate_and_log",
-           "save", "summarize", "format_summary"]
+__all__ = ["train_and_evaluate", "older_objects_frozen", "train", "setup", "Run", "build",
+           "check_config", "check_workdir", "SAFE_TO_CHANGE_ON_RESUME", "PendingMetrics",
+           "evaluate_and_log", "save", "summarize", "format_summary"]
 
 
 class StopRequest:
