@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -55,6 +56,7 @@ def run(tmp_path_factory):
   with pytest.MonkeyPatch.context() as m:
     m.setitem(text.TEXT_DATASETS, "tiny", text.TextSpec(_works, ("work_5",), "nothing"))
     config = _config()
+    jax.clear_caches()  # every program is counted (test_an_lm_run_compiles_...)
     summary = train.train_and_evaluate(config, str(workdir))
   return config, workdir, summary
 
@@ -76,6 +78,16 @@ def test_an_lm_run_reports_both_sub_networks_bits_per_byte(run):
   assert any("base/test_bits_per_byte" in r and "motivated/test_perplexity" in r
              for r in logged)
   assert os.listdir(workdir / "tensorboard")
+
+
+def test_an_lm_run_compiles_its_steps_and_its_nesting_check_and_nothing_else(run):
+  # docs/compilation.md: the nesting check's three programs (the motivated
+  # model's random variables, a forward of each sub-network); its token sample,
+  # key and diagnosis of extension_init="zero" (not asked for) compile none.
+  programs = {k: v for k, v in run[2]["compilation"]["programs"].items() if k != "jit(slice)"}
+  assert programs == {"jit(<lambda>)": 3, "jit(base_train_step)": 1,
+                      "jit(motivated_train_step)": 1, "jit(create_train_state)": 1,
+                      "jit(eval_step)": 2}, programs
 
 
 def test_a_resumed_lm_run_is_bit_identical_and_keeps_its_tokenizer(run, tmp_path, monkeypatch):

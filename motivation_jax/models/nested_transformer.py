@@ -15,8 +15,8 @@ features change how the base's are normalised; tests/test_transformer.py).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+import numpy as np
 
 from motivation_jax.errors import ConfigError
 from motivation_jax.models import paired as paired_lib
@@ -32,10 +32,11 @@ SAMPLE_SHAPE = (2, 16)
 
 
 def sample_tokens(vocab_size: int, seq_len: int, batch: int = SAMPLE_SHAPE[0],
-                  seed: int = 0) -> jax.Array:
-  """Random tokens [batch, min(seq_len, 16)] (the nesting check's input)."""
-  return jax.random.randint(jax.random.key(seed), (batch, min(seq_len, SAMPLE_SHAPE[1])), 0,
-                            vocab_size, jnp.int32)
+                  seed: int = 0) -> np.ndarray:
+  """Random tokens [batch, min(seq_len, 16)] (the nesting check's input), drawn
+  in NumPy: ``jax.random`` on the host compiled three programs in every run."""
+  return np.random.default_rng(seed).integers(
+      0, vocab_size, (batch, min(seq_len, SAMPLE_SHAPE[1])), dtype=np.int32)
 
 
 def from_config(base, motivated, num_classes, *, d_model: int | None = None,
