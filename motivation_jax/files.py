@@ -59,6 +59,11 @@ def is_dir(p: str) -> bool:
   return epath.Path(p).is_dir()
 
 
+def is_file(p: str) -> bool:
+  """Whether ``p`` is a file (on a bucket: an object of exactly that name)."""
+  return epath.Path(p).is_file()
+
+
 def make_dirs(p: str) -> None:
   """Creates directory ``p`` and its parents (on a bucket: nothing to create
   but a marker, which epath handles)."""

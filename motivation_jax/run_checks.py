@@ -104,7 +104,12 @@ def check_workdir(workdir: str) -> None:
   files.writable_directory(workdir, "workdir")
   for name, folder in WORKDIR_ENTRIES.items():
     path = files.join(workdir, name)
-    if files.exists(path) and files.is_dir(path) != folder:
+    # Asked as "a file where a folder goes" (is_file), not "exists and is not a
+    # folder": on a bucket a folder is only the objects under it, and another
+    # process of the run checking the checkpoint folder writes one and deletes
+    # it, so that exists() and then is_dir() could see it come and go (a
+    # two-process run on a bucket refused itself under load that way).
+    if files.is_file(path) if folder else files.is_dir(path):
       raise ConfigError(f"{path} is a {'file' if folder else 'folder'}, not a "
                         f"{'folder' if folder else 'file'}: a run writes one there; move it "
                         "away or pick another --workdir")

@@ -122,3 +122,19 @@ def test_a_read_only_workdir_is_refused_in_one_line(tmp_path, monkeypatch):
     writable_directory(str(tmp_path / "ro"), "workdir")
   assert writable_directory(str(tmp_path / "rw" / "deep"), "workdir")  # made, parents too
   assert os.listdir(tmp_path / "rw" / "deep") == []  # the probe is gone
+
+
+def test_a_folder_whose_only_object_vanishes_between_two_looks_is_not_called_a_file(
+    tmp_path, monkeypatch):
+  # On a bucket the checkpoint folder is only the objects under it: another
+  # process's write test puts one there and deletes it, so "it exists" and then
+  # "it is not a folder" can both be seen; only an object of that very name is
+  # a file where the folder goes.
+  from motivation_jax import files, run_checks
+  monkeypatch.setattr(files, "exists", lambda p: True)
+  monkeypatch.setattr(files, "is_dir", lambda p: p.endswith("tensorboard"))
+  run_checks.check_workdir(str(tmp_path / "run"))  # nothing is a file: not refused
+  monkeypatch.undo()
+  (tmp_path / "run" / "tensorboard").write_text("a file")  # and a real file still is
+  with pytest.raises(ConfigError, match=r"tensorboard is a file, not a folder"):
+    run_checks.check_workdir(str(tmp_path / "run"))
