@@ -301,6 +301,12 @@ class Paired:
     return _zero_kernels(params, self.regions.get("params", {}), self.layouts)
 
 
+def _extensions_zeroed(model: "Paired", variables):
+  """``variables`` with ``extension_init="zero"``'s zeros in their kernels."""
+  return {**variables, "params": _zero_kernels(
+      variables["params"], model.regions.get("params", {}), model.layouts)}
+
+
 def _zero_kernels(params, regions, layouts):
   flat = dict(flax.traverse_util.flatten_dict(params))
   for path, base_shape in regions.items():
@@ -407,10 +413,8 @@ def paired(base, motivated, sample, *, exact: bool = True, train_arg: str | None
     raise NestingError(f"the base is not a sub-network of the motivated model (gap "
                        f"{gap:.3g}): {where}; pass exact=False to share weights anyway")
   # extension_init="zero": the motivated model must then start as the base.
-  zeroed = {**full, "params": _zero_kernels(full["params"], regions.get("params", {}),
-                                            probe.layouts)}
   if where is None:
-    _, differs = _gap(probe, full, sample, zeroed, diagnose=False)
+    _, differs = _gap(probe, full, sample, _extensions_zeroed(probe, full), diagnose=False)
     if differs is not None:  # the reason is found when it is asked for (Paired.zero_init)
       probe._zero_init = functools.partial(_zero_init_refusal, _checked_as_now(probe), sample)
   else:
@@ -431,9 +435,7 @@ def _zero_init_refusal(model: "Paired", sample) -> str:
   """Why ``extension_init="zero"`` does not make the motivated model start as the
   base: the check of ``paired`` again, on the same random variables, diagnosed."""
   full = _random_variables(model, sample)
-  zeroed = {**full, "params": _zero_kernels(full["params"], model.regions.get("params", {}),
-                                            model.layouts)}
-  gap, why = _gap(model, full, sample, zeroed)
+  gap, why = _gap(model, full, sample, _extensions_zeroed(model, full))
   return ("with the weights from extension inputs into base outputs zeroed the motivated "
           f"model does not compute the base ({why or f'gap {gap:.3g}'})")
 
