@@ -141,6 +141,37 @@ class Region:
     part = lax.pad(part, zero, grow([i for i in range(full.ndim) if i != split]))
     return jnp.where(_inside(self.base_shape, full.shape), part, full)
 
+  def extension(self, x: jax.Array) -> list[jax.Array]:
+    """The rest of ``x`` outside the base region, as separate arrays (the
+    blocks layout, ``steps.BlockState``): for each dim ``i`` the base does not
+    fill, ``x[:b_0, ..., :b_{i-1}, b_i:, ...]`` (full in the dims after ``i``),
+    so that ``join(view(x), extension(x))`` is ``x``. ``[]`` for a leaf the
+    base holds whole; a leaf the base skips is one block, itself."""
+    if self.whole:
+      return []
+    return [x[tuple(slice(0, b) for b in self.base_shape[:i]) + (slice(self.base_shape[i], None),)]
+            for i in self._extension_dims()]
+
+  def join(self, base: jax.Array, extension: list[jax.Array]) -> jax.Array:
+    """The whole leaf from its base block and ``extension``'s blocks."""
+    if self.whole:
+      return base
+    blocks = dict(zip(self._extension_dims(), extension))
+    whole = base
+    for i in reversed(range(len(self.full_shape))):
+      if i in blocks:
+        whole = jnp.concatenate([whole, blocks[i].astype(whole.dtype)], axis=i)
+      elif self.base_shape[i] < self.full_shape[i]:
+        # An empty block (an earlier dim of the base is 0): only the shape grows.
+        whole = jnp.zeros(whole.shape[:i] + (self.full_shape[i],) + whole.shape[i + 1:],
+                          whole.dtype)
+    return whole
+
+  def _extension_dims(self) -> list[int]:
+    """The dims with a block of their own (not empty) in ``extension``."""
+    b, f = self.base_shape, self.full_shape
+    return [i for i in range(len(f)) if b[i] < f[i] and all(b[j] > 0 for j in range(i))]
+
   def interleaved(self, sharding) -> int | None:
     """The dim along which a leaf of this layout is stored interleaved, or None
     (stored in logical order).
@@ -314,6 +345,17 @@ def merge_base(tree: PyTree, base_tree: PyTree, regions: PyTree,
     return jax.tree.map(lambda r, x, y: r.merge(x, y, start=start), regions, tree, base_tree)
   return jax.tree.map(lambda r, x, y, s: r.merge(x, y, s, start), regions, tree, base_tree,
                       shardings)
+
+
+def extension_blocks(tree: PyTree, regions: PyTree) -> PyTree:
+  """``Region.extension`` of every leaf of ``tree``: a tree of lists of blocks."""
+  return jax.tree.map(lambda r, x: r.extension(x), regions, tree)
+
+
+def join_blocks(base_tree: PyTree, extension: PyTree, regions: PyTree) -> PyTree:
+  """The whole leaves from the base's (``base_view``) and the rest
+  (``extension_blocks``): the inverse of the two."""
+  return jax.tree.map(lambda r, b, e: r.join(b, e), regions, base_tree, extension)
 
 
 def to_storage(tree: PyTree, regions: PyTree, shardings: PyTree) -> PyTree:
