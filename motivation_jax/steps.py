@@ -550,7 +550,10 @@ def joint_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_
     if state.batch_norm_stats != "per_subnet":
       raise ValueError("policy 'joint' needs batch_norm_stats='per_subnet' (each sub-network "
                        f"its own statistics), got {state.batch_norm_stats!r}")
-    new_stats = {**new_stats, **{subnet: out[subnet][2] for subnet in ("base", "motivated")}}
+    # A paired model's base (models/paired.py) gives its own, base-sized statistics.
+    new_stats = {**new_stats, **{subnet: _full_size(out[subnet][2], new_stats[subnet],
+                                                    wmap["batch_stats"] if wmap else None)
+                                 for subnet in ("base", "motivated")}}
   params, batch_stats, opt_state = keep_finite_update(
       finite, (new_params, new_stats, new_opt_state),
       (state.params, state.batch_stats, state.opt_state),
@@ -560,6 +563,16 @@ def joint_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_
                        opt_state=opt_state), {
       "loss": loss, "accuracy": task.accuracy(logits, batch), "nonfinite": ~finite,
       "base_loss": base_loss, "base_accuracy": task.accuracy(base_logits, batch)}
+
+
+def _full_size(stats: PyTree, like: PyTree, regions: PyTree) -> PyTree:
+  """``stats`` written over the base region of ``like`` where they are smaller."""
+  if jax.tree.map(jnp.shape, stats) == jax.tree.map(jnp.shape, like):
+    return stats
+  if regions is None:
+    raise ValueError("this model's base gives base-sized batch statistics: give the step "
+                     "its weights map (wmap=)")
+  return nesting.merge_base(like, stats, regions)
 
 
 def make_train_steps(model, optimizer: optax.GradientTransformation, *,

@@ -149,6 +149,23 @@ def test_policy_both_is_the_base_step_then_the_motivated_step(pair):
                            for p in (got.params, fns["motivated"](state, batch)[0].params)))
 
 
+def test_policy_joint_trains_a_pair_and_its_base_keeps_its_own_statistics(pair):
+  """Policy joint: one update of both losses; the base's batch norms (a pair's
+  base gives base-sized statistics) update the base region of its own."""
+  name, model, optimizer, wmap, fns, state, batch = pair
+  joint = jax.jit(steps.make_train_steps(model, optimizer, wmap=wmap, seed=SEED, policy="joint",
+                                         jit=False)["motivated"])
+  got, metrics = joint(state, batch)
+  assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["base_loss"]))
+  assert jax.tree.map(jnp.shape, got.batch_stats) == jax.tree.map(jnp.shape, state.batch_stats)
+  if jax.tree.leaves(wmap["batch_stats"]):
+    jax.tree.map(np.testing.assert_array_equal,
+                 _outside_base(state.batch_stats["base"], wmap["batch_stats"]),
+                 _outside_base(got.batch_stats["base"], wmap["batch_stats"]))
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.batch_stats, got.batch_stats)
+    assert all(jax.tree.leaves(moved["base"])) and all(jax.tree.leaves(moved["motivated"]))
+
+
 @pytest.mark.parametrize("pair", ["linen_mlp", "nnx_mlp"], indirect=True)  # the batch norms
 def test_recalibration_reads_ordinary_batch_norms(pair):
   name, model, optimizer, wmap, fns, state, batch = pair
