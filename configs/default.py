@@ -58,6 +58,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Extensions of the base: "default" (the layers' own initialisers) or "zero"
   # (the motivated model starts out computing the base; see docs/models.md).
   config.model.extension_init = "default"
+  # How the train steps hold the base's part of each leaf: "in_place" (a slice
+  # of the whole leaf, written back in place) or "blocks" (apart, as arrays of
+  # their own: a base step is then an ordinary step of the base's arrays, a
+  # motivated step joins and splits them; not with mesh.fsdp > 1). Checkpoints
+  # and exports are the same either way (docs/choices.md, "State layout").
+  config.model.state_layout = "in_place"
 
   # Compute dtype: "float32" or "bfloat16" (for GPUs and TPUs). Parameters,
   # optimizer state, batch-norm statistics and the loss stay float32 in both

@@ -28,7 +28,7 @@ SAFE_TO_CHANGE_ON_RESUME = (
     "num_epochs", "log_every_steps", "eval_every_epochs", "checkpoint_every_epochs",
     "bn_recalibration_batches", "eval_batch_size", "data_threads", "data_workers",
     "data_dir", "progress_bar", "max_nonfinite_steps", "mesh.", "dtype", "lease_ttl_s",
-    "compilation_cache_dir", *lm.SAFE_TO_CHANGE_ON_RESUME)
+    "compilation_cache_dir", "model.state_layout", *lm.SAFE_TO_CHANGE_ON_RESUME)
 _CHECKED_ELSEWHERE = ("motivation.", "seed", "batch_size")
 
 

@@ -58,6 +58,13 @@ def check_config(config) -> None:
     if config.model[key] not in allowed:
       raise ConfigError(f"config.model.{key} must be one of {allowed}, "
                         f"got {config.model[key]!r}")
+  state_layout = config.model.get("state_layout", "in_place")
+  if state_layout not in steps.STATE_LAYOUTS:
+    raise ConfigError(f"config.model.state_layout must be one of {steps.STATE_LAYOUTS}, "
+                      f"got {state_layout!r}")
+  if state_layout == "blocks" and config.get("mesh", {}).get("fsdp", 1) != 1:
+    raise ConfigError("config.model.state_layout='blocks' does not split its blocks over "
+                      "devices (FSDP) yet: use config.mesh.fsdp=1, or state_layout='in_place'")
   if (config.motivation.get("policy") == "joint"
       and config.model.batch_norm_stats != "per_subnet"):
     raise ConfigError("config.motivation.policy='joint' needs config.model.batch_norm_stats="

@@ -88,7 +88,8 @@ class Run:
   chief: bool                      # process 0 writes the files
   first_step: int                  # 0, or the batch a resumed run starts at
   # "storage" | "logical" -> state -> the state in that order (steps.make_order_converters):
-  # train_steps read and write the storage order; everything else reads logical order.
+  # train_steps read and write the storage order (config.model.state_layout's:
+  # a BlockState for "blocks"); everything else reads logical order.
   order: dict[str, Callable[[steps.TrainState], steps.TrainState]]
   # The checkpoint's training metrics since its last log line ({"kind/name": [values]}).
   log_interval: dict = dataclasses.field(default_factory=dict)
@@ -206,12 +207,14 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, held
       abstract, mesh, min_bytes=config.mesh.fsdp_min_mib * 2**20)
   # Host batches carry uint8 images; the steps normalise them on the device.
   normalisation = (dataset.mean, dataset.std) if task is tasks.CLASSIFICATION else None
+  # Checkpoints hold logical order whatever the layout, so it may change on resume.
+  state_layout = config.model.get("state_layout", "in_place")
   train_steps = steps.make_train_steps(model, optimizer, wmap=wmap,
                                        policy=config.motivation.policy,
                                        state_sharding=state_sharding,
                                        batch_sharding=batch_sharding,
                                        normalisation=normalisation, seed=config.seed,
-                                       task=task)
+                                       task=task, state_layout=state_layout)
   # A checkpoint in the workdir is restored (into the abstract state's shapes
   # and layout) and its config checked before anything compiles, so that a
   # config that cannot resume is refused at once; a resumed run makes no
@@ -233,7 +236,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, held
   # a new run's initial state.
   batch_spec = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
                 for name, (shape, dtype) in train_data.global_shapes().items()}
-  stored = placed.replace(order=steps.stored_order(state_sharding, wmap))
+  stored = steps.stored_state(placed, optimizer, wmap=wmap, state_sharding=state_sharding,
+                              state_layout=state_layout)
   kinds = controller.kinds()
   lowered = {kind: train_steps[kind].lower(stored, batch_spec) for kind in kinds}
   pool = concurrent.futures.ThreadPoolExecutor(len(lowered), "compile")
@@ -248,7 +252,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, held
                 else NotCompiled(kind, controller.condition.name) for kind in SUBNETS}
   finally:  # an error above is raised now, not after the compiles it no longer needs
     pool.shutdown(wait=False, cancel_futures=True)
-  _check_compiled_for(state, stored)
+  _check_compiled_for(state, placed)
   put = functools.partial(sharding.global_batch, sharding=batch_sharding)
   run = Run(config=config, dataset=dataset, wmap=wmap, controller=controller,
             train_data=train_data, eval_data=eval_data,
@@ -264,7 +268,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, held
             ckpt=ckpt, writer=MetricWriter(workdir, enabled=chief, first_step=first_step),
             workdir=workdir, chief=chief, first_step=first_step,
             order=steps.make_order_converters(optimizer, wmap=wmap,
-                                              state_sharding=state_sharding),
+                                              state_sharding=state_sharding,
+                                              state_layout=state_layout),
             log_interval=log_interval, lease=held,
             nesting=model.describe() if hasattr(model, "describe") else None,
             task=task, schedule=schedule)
@@ -272,8 +277,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str, held
 
 
 def _check_compiled_for(state: steps.TrainState, spec: steps.TrainState) -> None:
-  """The steps were compiled for ``spec`` (the abstract state in its layout),
-  before ``state`` was made or restored: a leaf of another shape, dtype or
+  """The steps were compiled for ``spec`` (the abstract state in logical order
+  and its layout; they take it in their own order), before ``state`` was made
+  or restored: a leaf of another shape, dtype or
   layout would be refused at the first step, deep in JAX; say it here."""
   for (path, leaf), want in zip(jax.tree_util.tree_leaves_with_path(state),
                                 jax.tree.leaves(spec)):

@@ -70,7 +70,14 @@ OPTIMIZERS = ("sgd", "adamw")
 # checkpoints, export, evaluation and recalibration read); "storage", the split
 # leaves in the per-device interleaved order the train steps of an FSDP run
 # read and write (docs/sharding.md, "Storage order"; make_order_converters).
-ORDERS = ("logical", "storage")
+# "blocks", a state in the blocks layout (BlockState: STATE_LAYOUTS).
+ORDERS = ("logical", "storage", "blocks")
+# config.model.state_layout, make_train_steps(state_layout=): how the train
+# steps hold the base's part of each leaf. "in_place": inside the whole leaf,
+# a leading slice the base step reads and writes back in place; "blocks": apart,
+# as an array of its own (BlockState), so that a base step is an ordinary step
+# of the standalone base on its own arrays (docs/choices.md, "State layout").
+STATE_LAYOUTS = ("in_place", "blocks")
 # Per-channel (mean, std) of uint8 images on the 0..255 scale (data.Dataset's).
 Normalisation = tuple[Sequence[float], Sequence[float]]
 
@@ -110,6 +117,59 @@ class TrainState:
   def variables(self, subnet: str) -> dict[str, PyTree]:
     """The variables ``model.apply(..., subnet=subnet)`` runs with (full size)."""
     return {"params": self.params, "batch_stats": self.subnet_stats(subnet)}
+
+
+@flax.struct.dataclass
+class BlockState(TrainState):
+  """A ``TrainState`` in the blocks layout (``order="blocks"``, ``to_blocks``).
+
+  ``params``, ``opt_state`` and ``batch_stats`` hold only the base's block of
+  every leaf: the standalone base's shapes (an empty array for a leaf the base
+  skips), in the logical tree's structure, so that a base step is the
+  ordinary optimizer step of those arrays and nothing else. ``batch_stats`` is
+  ``{"base": tree}`` with per-subnet statistics. ``extension`` holds the rest:
+  ``{"params", "opt_state", "batch_stats"}``, each leaf a list of blocks
+  (``nesting.Region.extension``), and the motivated model's own statistics
+  whole. Only a motivated step (and ``from_blocks``) reads it.
+  """
+  extension: PyTree = None
+
+
+def to_blocks(state: TrainState, wmap: nesting.WeightsMap, opt_regions: PyTree) -> BlockState:
+  """``state`` (logical order) in the blocks layout; ``opt_regions``:
+  ``nesting.opt_state_regions(optimizer, wmap.params)``. Pure: jit it."""
+  _check_order(state, "logical")
+  p, s = wmap.params, wmap["batch_stats"]
+  if state.batch_norm_stats == "per_subnet":
+    stats = {"base": nesting.base_view(state.batch_stats["base"], s)}
+    rest = {"base": nesting.extension_blocks(state.batch_stats["base"], s),
+            "motivated": state.batch_stats["motivated"]}
+  else:
+    stats, rest = (nesting.base_view(state.batch_stats, s),
+                   nesting.extension_blocks(state.batch_stats, s))
+  return BlockState(
+      step=state.step, params=nesting.base_view(state.params, p), batch_stats=stats,
+      opt_state=nesting.base_view(state.opt_state, opt_regions),
+      extension={"params": nesting.extension_blocks(state.params, p), "batch_stats": rest,
+                 "opt_state": nesting.extension_blocks(state.opt_state, opt_regions)},
+      batch_norm_stats=state.batch_norm_stats, order="blocks")
+
+
+def from_blocks(state: BlockState, wmap: nesting.WeightsMap, opt_regions: PyTree) -> TrainState:
+  """The inverse of ``to_blocks``: the state in logical order, bit for bit."""
+  _check_order(state, "blocks")
+  p, s, rest = wmap.params, wmap["batch_stats"], state.extension
+  if state.batch_norm_stats == "per_subnet":
+    stats = {"base": nesting.join_blocks(state.batch_stats["base"], rest["batch_stats"]["base"],
+                                         s),
+             "motivated": rest["batch_stats"]["motivated"]}
+  else:
+    stats = nesting.join_blocks(state.batch_stats, rest["batch_stats"], s)
+  return TrainState(
+      step=state.step, params=nesting.join_blocks(state.params, rest["params"], p),
+      batch_stats=stats,
+      opt_state=nesting.join_blocks(state.opt_state, rest["opt_state"], opt_regions),
+      batch_norm_stats=state.batch_norm_stats, order="logical")
 
 
 def create_train_state(model, optimizer: optax.GradientTransformation,
@@ -269,7 +329,8 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def _update(model, optimizer, loss_fn, subnet, params, batch_stats, opt_state, batch,
             compute_sharding=None, to_logical=None, params_layout=None, rngs=None,
-            task=tasks.CLASSIFICATION, with_reread: bool = False):
+            task=tasks.CLASSIFICATION, with_reread: bool = False,
+            whole_arrays: bool | None = None):
   """One ordinary optimizer step of ``subnet`` on the given (view or full) arrays.
 
   ``compute_sharding`` (replicated, when the state is split over devices): the
@@ -290,7 +351,9 @@ def _update(model, optimizer, loss_fn, subnet, params, batch_stats, opt_state, b
   (``motivation_jax.tasks``): what the model reads of the batch, the loss and
   the accuracy. ``with_reread`` (the base step): also return
   ``reread(opt_state_again) -> new opt_state``, the same optimizer update of
-  the same values read again (``base_train_step`` says why)."""
+  the same values read again (``base_train_step`` says why). ``whole_arrays``
+  (default: the motivated step's): the arrays given are the state's own, not
+  views, and are updated in place (``keep_finite_update`` orders their selects)."""
   def objective(p):
     if compute_sharding is not None:
       p = jax.lax.with_sharding_constraint(p, compute_sharding)
@@ -313,8 +376,10 @@ def _update(model, optimizer, loss_fn, subnet, params, batch_stats, opt_state, b
   accuracy = task.accuracy(logits, batch)
   # The motivated step updates whole arrays in place: order its selects. The
   # base step's are on views, and nesting.write_after orders their merges.
+  if whole_arrays is None:
+    whole_arrays = subnet == "motivated"
   select = functools.partial(keep_finite_update, params_layout=params_layout) if (
-      subnet == "motivated") else (lambda finite, new, old: keep_if(finite, new, old))
+      whole_arrays) else (lambda finite, new, old: keep_if(finite, new, old))
   out = (*select(finite, (new_params, new_stats, new_opt_state),
                  (params, batch_stats, opt_state)),
          {"loss": loss, "accuracy": accuracy, "nonfinite": ~finite})
@@ -453,6 +518,164 @@ def base_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_f
       opt_state=opt_state), metrics
 
 
+def blocks_base_train_step(state: BlockState, batch: Batch, *, model, optimizer, loss_fn,
+                           seed: int = 0, task=tasks.CLASSIFICATION
+                           ) -> tuple[BlockState, dict[str, jax.Array]]:
+  """One step of the base on a state in the blocks layout: the ordinary
+  optimizer step of its base-sized arrays, which are whole arrays of their own,
+  updated in place; ``state.extension`` is not read (``make_train_steps``'s
+  compiled base step does not even take it: ``ExtensionAside``)."""
+  _check_order(state, "blocks")
+  params, batch_stats, opt_state, metrics = _update(
+      model, optimizer, loss_fn, "base", state.params, state.subnet_stats("base"),
+      state.opt_state, batch, rngs=_step_rngs(model, seed, state.step, "base"), task=task,
+      whole_arrays=True)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                       batch_stats=state.with_subnet_stats("base", batch_stats)), metrics
+
+
+def blocks_motivated_train_step(state: BlockState, batch: Batch, *, model, optimizer, loss_fn,
+                                wmap: nesting.WeightsMap, opt_regions: PyTree, seed: int = 0,
+                                task=tasks.CLASSIFICATION
+                                ) -> tuple[BlockState, dict[str, jax.Array]]:
+  """One step of the motivated model on a state in the blocks layout (policy
+  ``switch``): the forward joins each leaf's blocks (autodiff splits its
+  gradient back into them), and the optimizer updates the blocks where they
+  are, each in place, so that the moments are never joined nor split.
+
+  The same update as ``motivated_train_step`` of the joined state for an
+  optimizer that treats every entry on its own (SGD, momentum, Adam, AdamW,
+  weight decay), and to within rounding for one that sums over the whole
+  gradient (``clip_by_global_norm``: the sum runs block by block). One that
+  mixes the entries of a leaf (a factored second moment, an orthogonalised
+  update) would see blocks: use ``state_layout="in_place"`` for it."""
+  _check_order(state, "blocks")
+  p, s, rest = wmap.params, wmap["batch_stats"], state.extension
+  # Every parameter as the pair (base block, [extension blocks]): the tree the
+  # gradient and the optimizer see.
+  pair = lambda regions, base, extension: jax.tree.map(
+      lambda r, b, e: b if r.base_shape is None else (b, e), regions, base, extension)
+  # A leaf that is not parameter-shaped (a step count) is the base's whole.
+  unpair = lambda regions, tree, i: jax.tree.map(
+      lambda r, x: (x if i == 0 else []) if r.base_shape is None else x[i], regions, tree)
+  params, opt_state = pair(p, state.params, rest["params"]), pair(
+      opt_regions, state.opt_state, rest["opt_state"])
+  per_subnet = state.batch_norm_stats == "per_subnet"
+  stats = rest["batch_stats"]["motivated"] if per_subnet else nesting.join_blocks(
+      state.batch_stats, rest["batch_stats"], s)
+
+  def objective(pairs):
+    whole = jax.tree.map(lambda r, x: r.join(*x), p, pairs)
+    logits, mutated = model.apply({"params": whole, "batch_stats": stats}, task.inputs(batch),
+                                  subnet="motivated", train=True, mutable=["batch_stats"],
+                                  rngs=_step_rngs(model, seed, state.step, "motivated"))
+    return task.loss(logits, batch, loss_fn), (logits, mutated.get("batch_stats", {}))
+
+  (loss, (logits, new_stats)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+  finite = all_finite(loss, grads)
+  updates, new_opt_state = optimizer.update(grads, opt_state, params)
+  params, new_stats, opt_state = keep_finite_update(
+      finite, (optax.apply_updates(params, updates), new_stats, new_opt_state),
+      (params, stats, opt_state))
+  if per_subnet:
+    base_stats, rest_stats = state.batch_stats, {**rest["batch_stats"], "motivated": new_stats}
+  else:
+    base_stats, rest_stats = (nesting.base_view(new_stats, s),
+                              nesting.extension_blocks(new_stats, s))
+  return state.replace(
+      step=state.step + 1, params=unpair(p, params, 0), opt_state=unpair(opt_regions, opt_state, 0),
+      batch_stats=base_stats,
+      extension={"params": unpair(p, params, 1), "opt_state": unpair(opt_regions, opt_state, 1),
+                 "batch_stats": rest_stats}), {
+      "loss": loss, "accuracy": task.accuracy(logits, batch), "nonfinite": ~finite}
+
+
+def _in_blocks(step: Callable, wmap: nesting.WeightsMap, opt_regions: PyTree) -> Callable:
+  """``step`` (of a state in logical order) for a state in the blocks layout:
+  its leaves joined into whole ones, the step, and split again. The motivated
+  steps (every policy) run so: the same program on the same values, plus the
+  joins and splits (docs/choices.md, "State layout", what they cost)."""
+  def in_blocks(state: BlockState, batch: Batch):
+    new, metrics = step(from_blocks(state, wmap, opt_regions), batch)
+    return to_blocks(new, wmap, opt_regions), metrics
+  in_blocks.__name__ = in_blocks.__qualname__ = getattr(step, "func", step).__name__
+  return in_blocks
+
+
+class ExtensionAside:
+  """The compiled base step of a state in the blocks layout, called with the
+  state and giving it back whole: the program takes the state without its
+  ``extension`` (which a base step never reads), and the extension is put back
+  on the result. Handing the extension's arrays through the call would cost
+  about 2 µs of host time each (benchmarks/results/paired_step_scaling_cpu.md).
+
+  ``lower`` and ``compile`` give the same wrapper around JAX's lowered and
+  compiled programs; anything else (``cost_analysis``, ``as_text``, ...) is
+  theirs."""
+
+  def __init__(self, fn):
+    self.fn = fn
+
+  def __call__(self, state: BlockState, batch: Batch):
+    new, metrics = self.fn(_with_extension(state, None), batch)
+    return _with_extension(new, state.extension), metrics
+
+  def lower(self, state, *args, **kwargs) -> "ExtensionAside":
+    return ExtensionAside(self.fn.lower(_with_extension(state, None), *args, **kwargs))
+
+  def compile(self, *args, **kwargs) -> "ExtensionAside":
+    return ExtensionAside(self.fn.compile(*args, **kwargs))
+
+  def __getattr__(self, name: str):
+    return getattr(self.fn, name)
+
+
+def _with_extension(state: BlockState, extension: PyTree) -> BlockState:
+  """``state.replace(extension=extension)``, in a fifth of its host time
+  (``dataclasses.replace`` runs ``__init__`` over every field: 5 µs a call on
+  the 2-core CPU, twice a base step)."""
+  new = object.__new__(type(state))
+  new.__dict__.update(state.__dict__)
+  new.__dict__["extension"] = extension
+  return new
+
+
+def _unsplit_layout(state_sharding: PyTree, state_layout: str):
+  """The one sharding every leaf of a state in the blocks layout has (None:
+  no layout given): blocks are not split over devices (yet), so a layout that
+  splits a leaf (FSDP) is refused in one line."""
+  if state_sharding is None or not isinstance(state_sharding, TrainState):
+    return state_sharding
+  leaves = [s for s in jax.tree.leaves(state_sharding) if hasattr(s, "spec")]
+  split = [s for s in leaves if any(a is not None for a in s.spec)]
+  if split:
+    raise ConfigError(f"state_layout={state_layout!r} keeps each leaf's base apart, and "
+                      "splitting those blocks over devices (FSDP) is not built; use "
+                      "state_layout='in_place' with mesh.fsdp > 1")
+  return jax.sharding.NamedSharding(leaves[0].mesh, jax.sharding.PartitionSpec()) if (
+      leaves) else None
+
+
+def check_state_layout(state_layout: str) -> None:
+  if state_layout not in STATE_LAYOUTS:
+    raise ValueError(f"state_layout must be one of {STATE_LAYOUTS}, got {state_layout!r}")
+
+
+def stored_state(placed: TrainState, optimizer: optax.GradientTransformation, *,
+                 wmap: nesting.WeightsMap, state_sharding: TrainState | None = None,
+                 state_layout: str = "in_place") -> TrainState:
+  """``placed`` (the abstract state in logical order, ``ShapeDtypeStruct``s with
+  the layout's shardings) as the train steps of this layout take it: what to
+  ``lower`` them for."""
+  check_state_layout(state_layout)
+  if state_layout == "in_place":
+    return placed.replace(order=stored_order(state_sharding, wmap))
+  one = _unsplit_layout(state_sharding, state_layout)
+  opt_regions = nesting.opt_state_regions(optimizer, wmap.params)
+  blocks = jax.eval_shape(lambda s: to_blocks(s, wmap, opt_regions), placed)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), blocks)
+
+
 def stored_order(state_sharding: TrainState | None, wmap: nesting.WeightsMap | None) -> str:
   """The order (``ORDERS``) of the state the train steps of this layout read and
   write: "storage" where the layout interleaves a parameter (its optimizer
@@ -581,7 +804,8 @@ def make_train_steps(model, optimizer: optax.GradientTransformation, *,
                      policy: str = "switch", jit: bool = True,
                      state_sharding: PyTree = None, batch_sharding: PyTree = None,
                      normalisation: Normalisation | None = None,
-                     seed: int = 0, task=tasks.CLASSIFICATION) -> dict[str, Callable]:
+                     seed: int = 0, task=tasks.CLASSIFICATION,
+                     state_layout: str = "in_place") -> dict[str, Callable]:
   """Builds the base and motivated train steps.
 
   Args:
@@ -613,14 +837,25 @@ def make_train_steps(model, optimizer: optax.GradientTransformation, *,
       for the streams ``model.rng_streams`` names (default ``RNG_STREAMS``).
     task: ``tasks.CLASSIFICATION`` (``image``, ``label``) or ``tasks.CAUSAL_LM``
       (``tokens``): what a batch holds, the loss and the accuracy.
+    state_layout: ``"in_place"`` (``STATE_LAYOUTS``): the steps take a
+      ``TrainState`` (in the order ``stored_order`` says); ``"blocks"``: a
+      ``BlockState`` (``to_blocks``; ``make_order_converters``), whose base
+      step is the ordinary step of the base's own arrays and whose motivated
+      step joins and splits the blocks around the logical one. Not with a
+      layout that splits a leaf over devices (FSDP).
 
   Returns:
     ``{"base": fn, "motivated": fn}`` with ``fn(state, batch) -> (state, metrics)``.
   """
   if policy not in POLICIES:
     raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+  check_state_layout(state_layout)
   opt_regions = nesting.opt_state_regions(optimizer, wmap.params)
   deps = dict(model=model, optimizer=optimizer, loss_fn=loss_fn, seed=seed, task=task)
+  if state_layout == "blocks":
+    return _blocks_train_steps(deps, wmap, opt_regions, policy, jit,
+                               _unsplit_layout(state_sharding, state_layout), batch_sharding,
+                               normalisation)
   # Per-leaf shardings (not one sharding for the whole state) reach the base
   # step, whose slices of split leaves need them.
   layout = state_sharding if isinstance(state_sharding, TrainState) else None
@@ -651,6 +886,31 @@ def make_train_steps(model, optimizer: optax.GradientTransformation, *,
   return {kind: jax.jit(fn, donate_argnums=0, **shardings) for kind, fn in steps.items()}
 
 
+def _blocks_train_steps(deps, wmap, opt_regions, policy, jit, state_sharding, batch_sharding,
+                        normalisation) -> dict[str, Callable]:
+  """``make_train_steps`` for ``state_layout="blocks"`` (``state_sharding``: one
+  sharding for every leaf, or None)."""
+  if policy == "switch":
+    motivated = _on_normalised_images(functools.partial(
+        blocks_motivated_train_step, wmap=wmap, opt_regions=opt_regions, **deps), normalisation)
+  else:  # the logical step of the joined state, split again
+    logical = {"joint": functools.partial(joint_train_step, wmap=wmap, **deps),
+               "both": functools.partial(both_train_step, wmap=wmap, opt_regions=opt_regions,
+                                         **deps)}[policy]
+    motivated = _in_blocks(_on_normalised_images(logical, normalisation), wmap, opt_regions)
+  steps = {"base": _on_normalised_images(functools.partial(blocks_base_train_step, **deps),
+                                         normalisation),
+           "motivated": motivated}
+  if not jit:
+    return steps
+  shardings = {}
+  if state_sharding is not None or batch_sharding is not None:
+    shardings = dict(in_shardings=(state_sharding, batch_sharding),
+                     out_shardings=(state_sharding, None))
+  return {"base": ExtensionAside(jax.jit(steps["base"], donate_argnums=0, **shardings)),
+          "motivated": jax.jit(steps["motivated"], donate_argnums=0, **shardings)}
+
+
 def check_layout(optimizer: optax.GradientTransformation, state_sharding: TrainState,
                  wmap: nesting.WeightsMap) -> None:
   """Refuses a layout in which a parameter-shaped optimizer leaf is split
@@ -674,7 +934,8 @@ def check_layout(optimizer: optax.GradientTransformation, state_sharding: TrainS
 
 
 def make_order_converters(optimizer: optax.GradientTransformation, *,
-                          wmap: nesting.WeightsMap, state_sharding: TrainState
+                          wmap: nesting.WeightsMap, state_sharding: TrainState | None = None,
+                          state_layout: str = "in_place"
                           ) -> dict[str, Callable[[TrainState], TrainState]]:
   """``{"storage": fn, "logical": fn}``: ``fn(state)`` is ``state`` in that
   order (``ORDERS``; docs/sharding.md, "Storage order"), with the same layout.
@@ -687,11 +948,20 @@ def make_order_converters(optimizer: optax.GradientTransformation, *,
   replicated) both are the identity and nothing runs. ``"storage"`` donates
   its input (the state it replaces); ``"logical"`` keeps it (a checkpoint or
   an evaluation reads a copy while training goes on).
+
+  ``state_layout="blocks"``: ``"storage"`` is ``to_blocks`` and ``"logical"``
+  ``from_blocks``. ``state_sharding=None`` (no layout): in place, both are
+  the identity.
   """
   opt_regions = nesting.opt_state_regions(optimizer, wmap.params)
+  check_state_layout(state_layout)
+  if state_layout == "blocks":
+    return _blocks_converters(wmap, opt_regions, _unsplit_layout(state_sharding, state_layout))
+  if state_sharding is None:
+    return {order: lambda state: state for order in ("storage", "logical")}
   check_layout(optimizer, state_sharding, wmap)
   stored = stored_order(state_sharding, wmap)
-  layouts = {order: state_sharding.replace(order=order) for order in ORDERS}
+  layouts = {order: state_sharding.replace(order=order) for order in ("logical", "storage")}
 
   def convert(state: TrainState, order: str) -> TrainState:
     fn = nesting.to_storage if order == "storage" else nesting.to_logical
@@ -708,8 +978,10 @@ def make_order_converters(optimizer: optax.GradientTransformation, *,
 
   def converter(order: str):
     def fn(state: TrainState) -> TrainState:
-      if state.order not in ORDERS:
-        raise ValueError(f"state.order must be one of {ORDERS}, got {state.order!r}")
+      if state.order not in ("logical", "storage"):
+        raise ValueError(f"a state in logical or storage order converts here, got one in "
+                         f"{state.order!r} order (a BlockState converts with the "
+                         "converters of state_layout='blocks')")
       if state.order == order or stored == "logical":
         return state
       return jitted[order](state)
@@ -717,7 +989,39 @@ def make_order_converters(optimizer: optax.GradientTransformation, *,
     fn.jitted = jitted[order]  # its program (benchmarks/fsdp_collectives.py counts its bytes)
     return fn
 
-  return {order: converter(order) for order in ORDERS}
+  return {order: converter(order) for order in ("logical", "storage")}
+
+
+def _blocks_converters(wmap, opt_regions, one) -> dict[str, Callable]:
+  """``make_order_converters`` for the blocks layout (``one``: every leaf's sharding)."""
+  shardings = {} if one is None else dict(out_shardings=one)
+  # Not donated: few of the blocks could reuse a whole leaf's buffer (JAX
+  # warns of each); "storage" deletes its input instead, as a donation would.
+  jitted = {"storage": jax.jit(functools.partial(to_blocks, wmap=wmap, opt_regions=opt_regions),
+                               **shardings),
+            "logical": jax.jit(functools.partial(from_blocks, wmap=wmap,
+                                                 opt_regions=opt_regions), **shardings)}
+  wanted = {"storage": "blocks", "logical": "logical"}
+
+  def converter(order: str):
+    def fn(state: TrainState) -> TrainState:
+      if state.order not in ("logical", "blocks"):
+        raise ValueError(f"a state in the blocks layout or in logical order converts, got one "
+                         f"in {state.order!r} order")
+      if state.order == wanted[order]:
+        return state
+      converted = jitted[order](state)
+      if order == "storage":
+        kept = {id(x) for x in jax.tree.leaves(converted)}  # a leaf JAX handed back as it was
+        for x in jax.tree.leaves(state):
+          if id(x) not in kept:
+            x.delete()
+      return converted
+    fn.__name__ = f"to_{order}"
+    fn.jitted = jitted[order]
+    return fn
+
+  return {order: converter(order) for order in ("storage", "logical")}
 
 
 def eval_step(variables: Mapping[str, PyTree], batch: Batch, *, model, subnet: str,

@@ -51,7 +51,8 @@ FAMILIES = {
 # example, a language model's per token.
 LANGUAGE_MODELS = ("transformer",)
 # Keys of config.model that are not options of the family.
-_COMMON_KEYS = ("name", "base", "motivated", "batch_norm_stats", "extension_init", "module")
+_COMMON_KEYS = ("name", "base", "motivated", "batch_norm_stats", "extension_init", "module",
+                "state_layout")
 # Keys of config.model a user's own module (config.model.module) may have
 # besides the common ones (models/paired.py, ``from_config``).
 MODULE_KEYS = ("exact", "train_arg")
