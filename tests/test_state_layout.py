@@ -14,8 +14,9 @@ import optax
 import pytest
 
 from conftest import ROOT, load_default_config
-from motivation_jax import nesting, run_checks, sharding, steps, train
+from motivation_jax import data, models, nesting, run_checks, sharding, steps, train
 from motivation_jax.errors import ConfigError
+from motivation_jax.export import export_run
 from motivation_jax.nesting import Region
 
 sys.path.insert(0, ROOT)
@@ -258,3 +259,15 @@ def test_a_resumed_run_in_blocks_is_bit_identical(blocks_run, tmp_path):
   assert resumed["resumed_from_step"] == saved[0]
   assert (copy / "decisions.jsonl").read_text() == (workdir / "decisions.jsonl").read_text()
   assert _last_evaluation(copy) == _last_evaluation(workdir)
+
+
+def test_a_run_in_blocks_exports_the_base_that_was_evaluated(blocks_run, tmp_path):
+  workdir, summary = blocks_run
+  export_run(str(workdir), "base", str(tmp_path / "out"))
+  module, variables, _ = models.load_exported(str(tmp_path / "out"))
+  assert isinstance(module, MLP) and module.widths == (16,)
+  digits = data.get_dataset("digits")
+  test = data.EvalBatches(digits, len(digits.test), normalise_on_host=True)[0]
+  accuracy = float(np.mean(np.argmax(module.apply(variables, test["image"]), -1)
+                           == test["label"]))
+  assert accuracy == pytest.approx(summary["base/test_accuracy"], abs=1e-6)
