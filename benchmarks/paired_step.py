@@ -1,7 +1,7 @@
 r"""The paired base step against an ordinary step of the user's small module.
 
   python -m benchmarks.paired_step [--trials=15] [--large=1024,512] \
-      [--out=benchmarks/results/paired_step_cpu]
+      [--state_layout=blocks] [--out=benchmarks/results/paired_step_cpu]
 
 A user's Linen MLP (examples/byom_models.py: Dense, BatchNorm, dropout; widths
 (256, 128) in (1024, 512)) on digits-sized batches of 128: the compiled base
@@ -10,6 +10,11 @@ the step a user who trained the small module alone would write (the harness's
 ``standalone_train_step``, with the same optimizer, loss, batch and the same
 dropout keys). Each trial times both back to back, alternating which goes
 first; the figure is the median per-trial ratio. Target <= 1.05 (issue 25).
+
+``--state_layout`` (``steps.STATE_LAYOUTS``): how the pair's state holds the
+base ("in_place": a slice of each whole leaf, written back in place; "blocks":
+apart, docs/choices.md "State layout"). ``--motivated`` also times the
+motivated step of that layout against the in-place one (the price of blocks).
 """
 
 from __future__ import annotations
@@ -60,7 +65,8 @@ def _ordinary_step(module, optimizer):
 
 
 def measure(trials: int = 15, steps_per_trial: int = 200, batch_size: int = 128,
-            large_widths: tuple[int, ...] = (1024, 512)) -> dict:
+            large_widths: tuple[int, ...] = (1024, 512), state_layout: str = "in_place",
+            motivated: bool = False) -> dict:
   """``large_widths``: the large module's widths (the small one's are (256, 128))."""
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.normal(size=(batch_size, 8, 8, 1)), jnp.float32),
@@ -69,11 +75,22 @@ def measure(trials: int = 15, steps_per_trial: int = 200, batch_size: int = 128,
   model = nesting.paired(small, large, batch["image"])
   optimizer = optax.adamw(1e-3)
   wmap = nesting.weights_map(model, batch["image"], subnet="motivated")
-  paired_step = steps.make_train_steps(model, optimizer, wmap=wmap, seed=SEED)["base"]
+  paired_steps = steps.make_train_steps(model, optimizer, wmap=wmap, seed=SEED,
+                                        state_layout=state_layout)
+  paired_step = paired_steps["base"]
   state = steps.create_train_state(model, optimizer, jax.random.key(0), batch["image"])
   ordinary = _ordinary_step(small, optimizer)
   variables = jax.tree.map(jnp.copy, nesting.export(state.variables("base"), "base", wmap))
   opt_state = optimizer.init(variables["params"])
+  convert = steps.make_order_converters(optimizer, wmap=wmap, state_layout=state_layout)
+  logical_state = jax.tree.map(jnp.copy, state)
+  state = convert["storage"](state)
+  result = {}
+  if motivated:
+    result["motivated"] = _motivated_ratio(
+        paired_steps["motivated"], jax.tree.map(jnp.copy, state),
+        steps.make_train_steps(model, optimizer, wmap=wmap, seed=SEED)["motivated"],
+        logical_state, batch, trials, steps_per_trial // 4)
 
   def run_paired(n):
     nonlocal state
@@ -99,7 +116,8 @@ def measure(trials: int = 15, steps_per_trial: int = 200, batch_size: int = 128,
     times["paired"].append(got["run_paired"])
     times["ordinary"].append(got["run_ordinary"])
     ratios.append(got["run_paired"] / got["run_ordinary"])
-  return {"ratio": statistics.median(ratios), "target": 1.05,
+  return {**result, "ratio": statistics.median(ratios), "target": 1.05,
+          "state_layout": state_layout,
           "paired_step_us": 1e6 * statistics.median(times["paired"]),
           "ordinary_step_us": 1e6 * statistics.median(times["ordinary"]),
           "trials": trials, "steps_per_trial": steps_per_trial, "batch_size": batch_size,
@@ -107,17 +125,48 @@ def measure(trials: int = 15, steps_per_trial: int = 200, batch_size: int = 128,
           "machine": describe_machine(), "date": time.strftime("%Y-%m-%d")}
 
 
+def _motivated_ratio(step, state, in_place_step, in_place_state, batch, trials, n) -> dict:
+  """The motivated step of ``state``'s layout against the in-place layout's."""
+  states = {"layout": state, "in_place": in_place_state}
+  fns = {"layout": step, "in_place": in_place_step}
+
+  def run(name):
+    start = time.perf_counter()
+    for _ in range(n):
+      states[name], metrics = fns[name](states[name], batch)
+    metrics["loss"].block_until_ready()
+    return (time.perf_counter() - start) / n
+
+  run("layout"), run("in_place")
+  times = {"layout": [], "in_place": []}
+  for trial in range(trials):
+    for name in (("layout", "in_place") if trial % 2 == 0 else ("in_place", "layout")):
+      times[name].append(run(name))
+  ratios = [a / b for a, b in zip(times["layout"], times["in_place"])]
+  return {"ratio_to_in_place": statistics.median(ratios),
+          "step_us": 1e6 * statistics.median(times["layout"]),
+          "in_place_step_us": 1e6 * statistics.median(times["in_place"])}
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser()
   parser.add_argument("--trials", type=int, default=15)
   parser.add_argument("--large", default="1024,512",
                       help="the large module's widths, comma-separated")
+  parser.add_argument("--state_layout", default="in_place", choices=steps.STATE_LAYOUTS)
+  parser.add_argument("--motivated", action="store_true",
+                      help="also time the motivated step against the in-place layout's")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
-  result = measure(args.trials, large_widths=tuple(int(w) for w in args.large.split(",")))
-  print(f"paired base step / ordinary small-module step: {result['ratio']:.3f} "
-        f"({result['paired_step_us']:.0f} us vs {result['ordinary_step_us']:.0f} us; "
-        f"target <= 1.05)")
+  result = measure(args.trials, large_widths=tuple(int(w) for w in args.large.split(",")),
+                   state_layout=args.state_layout, motivated=args.motivated)
+  print(f"paired base step ({args.state_layout}) / ordinary small-module step: "
+        f"{result['ratio']:.3f} ({result['paired_step_us']:.0f} us vs "
+        f"{result['ordinary_step_us']:.0f} us; target <= 1.05)")
+  if args.motivated:
+    m = result["motivated"]
+    print(f"motivated step ({args.state_layout}) / in place: {m['ratio_to_in_place']:.3f} "
+          f"({m['step_us']:.0f} us vs {m['in_place_step_us']:.0f} us)")
   if args.out:
     with open(args.out + ".json", "w") as f:
       json.dump(result, f, indent=2)
