@@ -48,7 +48,9 @@ on a CPU):
    and then a warm compilation cache. Target (warm): <= 1.3.
    *Paired step* (``benchmarks/paired_step.py``): the base step of a user's own
    Linen module paired by ``nesting.paired`` against the ordinary optax step
-   of the small module alone. Target: <= 1.05.
+   of the small module alone, in both state layouts (``model.state_layout``:
+   in place, the default, and blocks, with the blocks' motivated step against
+   the in-place one beside it). Target: <= 1.05.
    *LM steps* (``benchmarks/lm_steps.py``, ``--lm-config``, default
    configs/lm_shakespeare.py; its ``:smoke`` in ``--tiny``): the nested
    transformer's base and motivated steps against the standalone base and
@@ -191,9 +193,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       save()
     if not args.accelerator_only:
       from benchmarks import paired_step
-      results["paired"] = paired_step.measure(  # its own script's 15 trials in full
-          trials=15 if mode.name == "full" else mode.trials,
-          steps_per_trial=5 if mode.name == "tiny" else 200)
+      paired_trials = dict(trials=15 if mode.name == "full" else mode.trials,
+                           steps_per_trial=5 if mode.name == "tiny" else 200)
+      results["paired"] = paired_step.measure(**paired_trials)  # its own script's, in full
+      results["paired_blocks"] = paired_step.measure(**paired_trials, state_layout="blocks",
+                                                     motivated=True)
       print(f"paired: {time.perf_counter() - start:.0f} s", flush=True)
       save()
       from benchmarks import lm_steps

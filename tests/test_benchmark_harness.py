@@ -64,6 +64,10 @@ def test_the_harness_counts_one_compile_per_kind_and_writes_its_files(tmp_path):
   # A user's own module, paired: its base step against the small module's own.
   assert recorded["paired"]["ratio"] > 0 and recorded["paired"]["target"] == 1.05
   assert "| step cost, a user's Linen MLP paired, base / its small module's own step" in markdown
+  blocks = recorded["paired_blocks"]  # and in the blocks layout, with its motivated step
+  assert blocks["state_layout"] == "blocks" and blocks["ratio"] > 0
+  assert blocks["motivated"]["ratio_to_in_place"] > 0
+  assert "| step cost, the same in blocks (model.state_layout=blocks), base /" in markdown
   # The language model's steps (configs/lm_shakespeare.py:smoke): each kind against
   # its standalone transformer, with XLA's FLOPs beside the formula's.
   lm = recorded["lm_steps"]
