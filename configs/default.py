@@ -62,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
   # of the whole leaf, written back in place) or "blocks" (apart, as arrays of
   # their own: a base step is then an ordinary step of the base's arrays, a
   # motivated step joins and splits them; not with mesh.fsdp > 1). Checkpoints
-  # and exports are the same either way (docs/choices.md, "State layout").
+  # and exports are the same either way (docs/choices.md, "The state layout").
   config.model.state_layout = "in_place"
 
   # Compute dtype: "float32" or "bfloat16" (for GPUs and TPUs). Parameters,

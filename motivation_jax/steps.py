@@ -76,7 +76,7 @@ ORDERS = ("logical", "storage", "blocks")
 # steps hold the base's part of each leaf. "in_place": inside the whole leaf,
 # a leading slice the base step reads and writes back in place; "blocks": apart,
 # as an array of its own (BlockState), so that a base step is an ordinary step
-# of the standalone base on its own arrays (docs/choices.md, "State layout").
+# of the standalone base on its own arrays (docs/choices.md, "The state layout").
 STATE_LAYOUTS = ("in_place", "blocks")
 # Per-channel (mean, std) of uint8 images on the 0..255 scale (data.Dataset's).
 Normalisation = tuple[Sequence[float], Sequence[float]]
@@ -133,6 +133,13 @@ class BlockState(TrainState):
   whole. Only a motivated step (and ``from_blocks``) reads it.
   """
   extension: PyTree = None
+
+  def variables(self, subnet: str) -> dict[str, PyTree]:
+    """Refused: ``params`` here is only the base's part of each leaf, which an
+    export or an ``apply`` would take for the whole."""
+    raise ValueError("a state in the blocks layout holds the base's part of each leaf apart: "
+                     "convert it to logical order first (steps.make_order_converters(..., "
+                     "state_layout='blocks')['logical'])")
 
 
 def to_blocks(state: TrainState, wmap: nesting.WeightsMap, opt_regions: PyTree) -> BlockState:
@@ -594,7 +601,7 @@ def _in_blocks(step: Callable, wmap: nesting.WeightsMap, opt_regions: PyTree) ->
   """``step`` (of a state in logical order) for a state in the blocks layout:
   its leaves joined into whole ones, the step, and split again. The motivated
   steps (every policy) run so: the same program on the same values, plus the
-  joins and splits (docs/choices.md, "State layout", what they cost)."""
+  joins and splits (docs/choices.md, "The state layout", what they cost)."""
   def in_blocks(state: BlockState, batch: Batch):
     new, metrics = step(from_blocks(state, wmap, opt_regions), batch)
     return to_blocks(new, wmap, opt_regions), metrics

@@ -76,6 +76,8 @@ def test_the_converters_round_trip_bit_for_bit_and_storage_takes_its_input(pair)
   assert type(back) is steps.TrainState and back.order == "logical"
   assert _equal(back, kept) == []
   assert order["storage"](blocks) is blocks and order["logical"](back) is back
+  with pytest.raises(ValueError, match="convert it to logical order first"):
+    nesting.export(blocks.variables("motivated"), "motivated", wmap)  # not the whole leaves
   with pytest.raises(ValueError, match="got one in .blocks. order"):
     layout = sharding.train_state_sharding(kept, sharding.make_mesh(
         load_default_config().mesh), min_bytes=2**22)
