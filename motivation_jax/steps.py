@@ -600,8 +600,9 @@ def blocks_motivated_train_step(state: BlockState, batch: Batch, *, model, optim
 def _in_blocks(step: Callable, wmap: nesting.WeightsMap, opt_regions: PyTree) -> Callable:
   """``step`` (of a state in logical order) for a state in the blocks layout:
   its leaves joined into whole ones, the step, and split again. The motivated
-  steps (every policy) run so: the same program on the same values, plus the
-  joins and splits (docs/choices.md, "The state layout", what they cost)."""
+  steps of policies ``both`` and ``joint`` run so: the same program on the same
+  values, plus the joins and splits of every leaf, moments too
+  (``blocks_motivated_train_step``, policy ``switch``'s, joins only parameters)."""
   def in_blocks(state: BlockState, batch: Batch):
     new, metrics = step(from_blocks(state, wmap, opt_regions), batch)
     return to_blocks(new, wmap, opt_regions), metrics
