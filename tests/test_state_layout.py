@@ -273,3 +273,31 @@ def test_a_run_in_blocks_exports_the_base_that_was_evaluated(blocks_run, tmp_pat
   accuracy = float(np.mean(np.argmax(module.apply(variables, test["image"]), -1)
                            == test["label"]))
   assert accuracy == pytest.approx(summary["base/test_accuracy"], abs=1e-6)
+
+
+def test_a_run_in_blocks_resumes_in_place(blocks_run, tmp_path):
+  """The checkpoint holds logical order in either layout: the layout may change on resume."""
+  workdir, summary = blocks_run
+  copy = tmp_path / "resumed_in_place"
+  shutil.copytree(workdir, copy)
+  saved = sorted(int(d) for d in os.listdir(copy / "checkpoints") if d.isdigit())
+  shutil.rmtree(copy / "checkpoints" / str(saved[-1]))
+  resumed = train.train_and_evaluate(_config("in_place"), str(copy))
+  assert resumed["resumed_from_step"] == saved[0]
+  assert resumed["base_steps"] + resumed["motivated_steps"] == (
+      summary["base_steps"] + summary["motivated_steps"])
+  assert resumed["base/test_accuracy"] > 0.5 and resumed["motivated/test_accuracy"] > 0.5
+
+
+def test_the_pure_steps_compose_in_a_users_own_jit(pair):
+  model, optimizer, wmap, batch = pair
+  pure = steps.make_train_steps(model, optimizer, wmap=wmap, seed=1, state_layout="blocks",
+                                jit=False)
+  compiled = steps.make_train_steps(model, optimizer, wmap=wmap, seed=1, state_layout="blocks")
+  order = steps.make_order_converters(optimizer, wmap=wmap, state_layout="blocks")
+  mine = order["storage"](_fresh(pair))
+  theirs = jax.tree.map(jnp.copy, mine)
+  for kind in ("base", "motivated", "base"):
+    mine, _ = jax.jit(pure[kind])(mine, batch)  # the whole BlockState in and out
+    theirs, _ = compiled[kind](theirs, batch)
+  assert _equal(mine, theirs) == []
