@@ -171,14 +171,16 @@ SMALL_MLP = ["--config.model.name=mlp", "--config.model.base={'widths': (16,)}",
              "--config.model.motivated={'widths': (32,)}"]
 
 
-def two_process_run(workdir: str, log_dir: str, *, epochs: int = 2, timeout: int = 300):
-  """``launch/local.sh 2`` of configs/default.py with ``SMALL_MLP``;
-  returns (status, process 0's stdout, its stderr, process 1's log)."""
+def two_process_run(workdir: str, log_dir: str, *, epochs: int = 2, timeout: int = 300,
+                    overrides: tuple[str, ...] = ()):
+  """``launch/local.sh 2`` of configs/default.py with ``SMALL_MLP`` (and
+  ``overrides``, more ``--config.*`` flags); returns (status, process 0's stdout,
+  its stderr, process 1's log)."""
   status, out, err = run_launcher(
       ["bash", os.path.join(ROOT, "launch", "local.sh"), "2",
        f"--config={os.path.join(ROOT, 'configs', 'default.py')}", f"--workdir={workdir}",
        f"--config.num_epochs={epochs}", "--config.checkpoint_every_epochs=1",
-       "--config.progress_bar=False", *SMALL_MLP],
+       "--config.progress_bar=False", *SMALL_MLP, *overrides],
       timeout=timeout, env={"LOG_DIR": log_dir, "PYTHON": sys.executable})
   path = os.path.join(log_dir, "process_1.log")
   process_1 = open(path).read() if os.path.exists(path) else ""

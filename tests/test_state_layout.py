@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import ROOT, load_default_config
+from conftest import ROOT, check_two_process_run, load_default_config, two_process_run
 from motivation_jax import data, models, nesting, run_checks, sharding, steps, train
 from motivation_jax.errors import ConfigError
 from motivation_jax.export import export_run
@@ -301,3 +301,21 @@ def test_the_pure_steps_compose_in_a_users_own_jit(pair):
     mine, _ = jax.jit(pure[kind])(mine, batch)  # the whole BlockState in and out
     theirs, _ = compiled[kind](theirs, batch)
   assert _equal(mine, theirs) == []
+
+
+@pytest.mark.slow  # two processes, twice: about 40 s on 2 cores
+def test_two_processes_train_in_blocks_as_in_place(tmp_path):
+  """Data parallel over two processes: the blocks replicated on every device,
+  the same decisions, losses and accuracies as in place (SGD: no moments whose
+  last bits the in-place base step rounds differently)."""
+  runs = {}
+  for layout in ("blocks", "in_place"):
+    workdir = tmp_path / layout
+    result = two_process_run(str(workdir), str(tmp_path / f"logs_{layout}"),
+                             overrides=(f"--config.model.state_layout={layout}",))
+    check_two_process_run(*result, workdir_files=lambda name: (workdir / name).read_text())
+    runs[layout] = ((workdir / "decisions.jsonl").read_text(),
+                    json.loads((workdir / "summary.json").read_text()))
+  assert runs["blocks"][0] == runs["in_place"][0]
+  for key in ("base/test_accuracy", "motivated/test_accuracy", "base_steps"):
+    assert runs["blocks"][1][key] == runs["in_place"][1][key]
