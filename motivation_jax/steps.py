@@ -461,6 +461,7 @@ def motivated_train_step(state: TrainState, batch: Batch, *, model, optimizer, l
   """One step of the motivated model on the whole state; ``state_sharding`` (and
   ``wmap``, when it interleaves a leaf): as for ``base_train_step``; ``seed``:
   as for ``make_train_steps``."""
+  _check_in_place(state)
   to_logical = _storage_to_logical(state, state_sharding, wmap)
   params, batch_stats, opt_state, metrics = _update(
       model, optimizer, loss_fn, "motivated", state.params, state.subnet_stats("motivated"),
@@ -487,6 +488,7 @@ def base_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_f
   (``nesting.base_view``; docs/sharding.md). A layout that interleaves a leaf
   takes a state in storage order (``make_order_converters``) and refuses
   one in logical order."""
+  _check_in_place(state)
   params_layout = opt_layout = stats_layout = None
   if state_sharding is not None:
     _check_order(state, stored_order(state_sharding, wmap))
@@ -701,6 +703,13 @@ def _check_order(state: TrainState, expected: str) -> None:
                      "(docs/sharding.md, \"Storage order\")")
 
 
+def _check_in_place(state: TrainState) -> None:
+  if state.order == "blocks":
+    raise ValueError("these steps read a state in the in_place layout, got one in the blocks "
+                     "layout (a BlockState): build them with state_layout='blocks', or convert "
+                     "it to logical order")
+
+
 def _compute_sharding(state_sharding: TrainState | None):
   """Replicated on the state's mesh when some parameter is split over devices
   (see ``_update``); None otherwise (one device, or data parallel only)."""
@@ -755,6 +764,7 @@ def joint_train_step(state: TrainState, batch: Batch, *, model, optimizer, loss_
   sub-network's own (``batch_rngs``). Metrics: ``loss`` and ``accuracy`` are the
   motivated model's (the controller's signal, as under ``both``),
   ``base_loss`` and ``base_accuracy`` the base's."""
+  _check_in_place(state)
   to_logical = _storage_to_logical(state, state_sharding, wmap)
   compute_sharding = _compute_sharding(state_sharding)
   inputs = task.inputs(batch)

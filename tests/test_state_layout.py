@@ -183,8 +183,9 @@ def test_a_state_in_the_wrong_layout_is_refused_in_one_line(pair):
   in_place = steps.make_train_steps(model, optimizer, wmap=wmap)
   stored = steps.make_order_converters(optimizer, wmap=wmap, state_layout="blocks")[
       "storage"](_fresh(pair))
-  with pytest.raises(Exception):  # the blocks do not have the whole leaves' shapes
-    in_place["motivated"](stored, batch)
+  for kind in ("base", "motivated"):
+    with pytest.raises(ValueError, match="got one in the blocks layout"):
+      in_place[kind](stored, batch)
   with pytest.raises(ValueError, match="state_layout must be one of"):
     steps.make_train_steps(model, optimizer, wmap=wmap, state_layout="apart")
 
