@@ -871,16 +871,36 @@ def make_train_steps(model, optimizer: optax.GradientTransformation, *,
   opt_regions = nesting.opt_state_regions(optimizer, wmap.params)
   deps = dict(model=model, optimizer=optimizer, loss_fn=loss_fn, seed=seed, task=task)
   if state_layout == "blocks":
-    return _blocks_train_steps(deps, wmap, opt_regions, policy, jit,
-                               _unsplit_layout(state_sharding, state_layout), batch_sharding,
-                               normalisation)
+    state_sharding = _unsplit_layout(state_sharding, state_layout)
+    steps = _blocks_train_steps(deps, wmap, opt_regions, policy, normalisation)
+  else:
+    if isinstance(state_sharding, TrainState):
+      check_layout(optimizer, state_sharding, wmap)
+      # A layout that interleaves a leaf is that of a state in storage order.
+      state_sharding = state_sharding.replace(order=stored_order(state_sharding, wmap))
+    steps = _in_place_train_steps(deps, wmap, opt_regions, policy, state_sharding,
+                                  normalisation)
+  if not jit:
+    return steps
+  shardings = {}
+  if state_sharding is not None or batch_sharding is not None:
+    shardings = dict(in_shardings=(state_sharding, batch_sharding),
+                     out_shardings=(state_sharding, None))
+  # Donating the state lets XLA write the new state into the old buffers; for a
+  # base step in place merge_base then becomes an in-place write of the base region.
+  jitted = {kind: jax.jit(fn, donate_argnums=0, **shardings) for kind, fn in steps.items()}
+  if state_layout == "blocks":
+    jitted["base"] = ExtensionAside(jitted["base"])
+  return jitted
+
+
+def _in_place_train_steps(deps, wmap, opt_regions, policy, state_sharding,
+                          normalisation) -> dict[str, Callable]:
+  """``make_train_steps``'s pure steps for ``state_layout="in_place"``
+  (``state_sharding``: a checked layout in its stored order, or one sharding)."""
   # Per-leaf shardings (not one sharding for the whole state) reach the base
   # step, whose slices of split leaves need them.
   layout = state_sharding if isinstance(state_sharding, TrainState) else None
-  if layout is not None:
-    check_layout(optimizer, layout, wmap)
-    # A layout that interleaves a leaf is that of a state in storage order.
-    state_sharding = layout = layout.replace(order=stored_order(layout, wmap))
   base = functools.partial(base_train_step, wmap=wmap, opt_regions=opt_regions,
                            state_sharding=layout, **deps)
   if policy == "switch":
@@ -891,23 +911,13 @@ def make_train_steps(model, optimizer: optax.GradientTransformation, *,
   else:
     motivated = functools.partial(both_train_step, wmap=wmap, opt_regions=opt_regions,
                                   state_sharding=layout, **deps)
-  steps = {kind: _on_normalised_images(fn, normalisation)
-           for kind, fn in {"base": base, "motivated": motivated}.items()}
-  if not jit:
-    return steps
-  shardings = {}
-  if state_sharding is not None or batch_sharding is not None:
-    shardings = dict(in_shardings=(state_sharding, batch_sharding),
-                     out_shardings=(state_sharding, None))
-  # Donating the state lets XLA write the new state into the old buffers; for a
-  # base step merge_base then becomes an in-place write of the base region.
-  return {kind: jax.jit(fn, donate_argnums=0, **shardings) for kind, fn in steps.items()}
+  return {kind: _on_normalised_images(fn, normalisation)
+          for kind, fn in {"base": base, "motivated": motivated}.items()}
 
 
-def _blocks_train_steps(deps, wmap, opt_regions, policy, jit, state_sharding, batch_sharding,
-                        normalisation) -> dict[str, Callable]:
-  """``make_train_steps`` for ``state_layout="blocks"`` (``state_sharding``: one
-  sharding for every leaf, or None)."""
+def _blocks_train_steps(deps, wmap, opt_regions, policy, normalisation
+                        ) -> dict[str, Callable]:
+  """``make_train_steps``'s pure steps for ``state_layout="blocks"``."""
   if policy == "switch":
     motivated = _on_normalised_images(functools.partial(
         blocks_motivated_train_step, wmap=wmap, opt_regions=opt_regions, **deps), normalisation)
@@ -916,17 +926,9 @@ def _blocks_train_steps(deps, wmap, opt_regions, policy, jit, state_sharding, ba
                "both": functools.partial(both_train_step, wmap=wmap, opt_regions=opt_regions,
                                          **deps)}[policy]
     motivated = _in_blocks(_on_normalised_images(logical, normalisation), wmap, opt_regions)
-  steps = {"base": _on_normalised_images(functools.partial(blocks_base_train_step, **deps),
-                                         normalisation),
-           "motivated": motivated}
-  if not jit:
-    return steps
-  shardings = {}
-  if state_sharding is not None or batch_sharding is not None:
-    shardings = dict(in_shardings=(state_sharding, batch_sharding),
-                     out_shardings=(state_sharding, None))
-  return {"base": ExtensionAside(jax.jit(steps["base"], donate_argnums=0, **shardings)),
-          "motivated": jax.jit(steps["motivated"], donate_argnums=0, **shardings)}
+  return {"base": _on_normalised_images(functools.partial(blocks_base_train_step, **deps),
+                                        normalisation),
+          "motivated": motivated}
 
 
 def check_layout(optimizer: optax.GradientTransformation, state_sharding: TrainState,
